@@ -1,0 +1,204 @@
+"""Tile binning in pure PyTorch: which pixels and tiles each projected Gaussian may touch.
+
+Torch twin of `tritonsplat.ops.binning`. Two notions live here:
+- pixel boxes: the pixels a Gaussian is evaluated at (the torch compositor works on these
+  Gaussian-pixel pairs directly);
+- tile intersections: (camera, tile, Gaussian) keys for the tile-based Triton compositor. With the
+  "ellipse" rule a tile is kept only when the Gaussian's alpha >= 1/255 level set
+  (d^T Sigma2D^-1 d <= 2 ln(255 o)) meets the rectangle of the tile's pixel centres, as FlashGS
+  (Feng et al. 2025), Speedy-Splat (Hanson et al. 2025) and StopThePop (Radl et al. 2024) bin.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..settings import RenderSettings
+
+# Relative safety margin on the binned ellipse's extent (0.1 %; the issue allows up to 1 %): the
+# compositor's float32 exp() may accept a pixel a few ulps outside the exact level set.
+BINNING_EXTENT_MARGIN = 1.001
+
+# Bits of the depth field in an intersection key (the float32 bit pattern of a positive depth
+# orders like the float; 3DGS rasterizer_impl.cu duplicateWithKeys).
+DEPTH_BITS = 32
+
+
+class TileBins(NamedTuple):
+    keys: torch.Tensor           # [M] int64: camera | tile | float32 bits of depth
+    gaussian_ids: torch.Tensor   # [M] int32 flat index c * N + g
+    tiles_per_gaussian: torch.Tensor  # [C, N] int32
+
+
+def inria_tile_rectangles(means2d: torch.Tensor, radii: torch.Tensor,
+                          settings: RenderSettings) -> torch.Tensor:
+    """The original renderer's tile rectangle (getRect in auxiliary.h).
+
+    It works in integer-centred pixel coordinates p = mean2d - 0.5 and truncates toward zero:
+    min = clamp(trunc((p - r) / 16), 0, grid), max = clamp(trunc((p + r + 15) / 16), 0, grid).
+
+    Args:
+        means2d: [C, N, 2].  radii: [C, N] (int or float).
+    Returns:
+        [C, N, 4] int32 half-open tile ranges (tx0, ty0, tx1, ty1).
+    """
+    ts = settings.tile_size
+    p = means2d - 0.5
+    r = radii.to(means2d.dtype)[..., None]
+    grid = torch.tensor([settings.tiles_x, settings.tiles_y], device=means2d.device)
+    low = torch.trunc((p - r) / ts).to(torch.int64)
+    high = torch.trunc((p + r + ts - 1) / ts).to(torch.int64)
+    low = torch.minimum(low.clamp_min(0), grid)
+    high = torch.minimum(high.clamp_min(0), grid)
+    return torch.cat([low, high], dim=-1).to(torch.int32)
+
+
+def pixel_boxes(means2d: torch.Tensor, radii: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
+    """Pixels at which each Gaussian is evaluated, as half-open ranges clamped to the image.
+
+    "ellipse" rule: pixel i is in the box when its centre i + 0.5 lies in [mean - r, mean + r]
+    (the box contains every pixel where alpha can reach 1/255). "rectangle" rule: every pixel of
+    the original's tile rectangle. Culled Gaussians (radius 0) get empty boxes.
+
+    Args:
+        means2d: [C, N, 2].  radii: [C, N] int32.
+    Returns:
+        [C, N, 4] int32 (x0, y0, x1, y1).
+    """
+    size = torch.tensor([settings.width, settings.height], device=means2d.device)
+    visible = (radii > 0)[..., None]
+    if settings.tile_rule == "rectangle":
+        tiles = inria_tile_rectangles(means2d, radii, settings).to(torch.int64)
+        low = tiles[..., :2] * settings.tile_size
+        high = torch.minimum(tiles[..., 2:] * settings.tile_size, size)
+    else:
+        r = radii.to(means2d.dtype)[..., None]
+        low = torch.ceil(means2d - r - 0.5).to(torch.int64)
+        high = torch.floor(means2d + r - 0.5).to(torch.int64) + 1
+        low = torch.minimum(low.clamp_min(0), size)
+        high = torch.minimum(high.clamp_min(0), size)
+    high = torch.maximum(high, low)
+    boxes = torch.cat([low, high], dim=-1)
+    return torch.where(visible, boxes, torch.zeros_like(boxes)).to(torch.int32)
+
+
+def box_tile_ranges(boxes: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
+    """Tiles overlapped by each pixel box: [C, N, 4] int32 half-open (tx0, ty0, tx1, ty1)."""
+    ts = settings.tile_size
+    boxes = boxes.to(torch.int64)
+    nonempty = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1]))[..., None]
+    low = torch.div(boxes[..., :2], ts, rounding_mode="floor")
+    high = torch.div(boxes[..., 2:] - 1, ts, rounding_mode="floor") + 1
+    ranges = torch.cat([low, high], dim=-1)
+    return torch.where(nonempty, ranges, torch.zeros_like(ranges)).to(torch.int32)
+
+
+def count_box_tiles(boxes: torch.Tensor, settings: RenderSettings) -> int:
+    """Number of (Gaussian, tile) pairs of the pixel boxes: the torch backend's n_intersections."""
+    ranges = box_tile_ranges(boxes, settings).to(torch.int64)
+    return int(((ranges[..., 2] - ranges[..., 0]) * (ranges[..., 3] - ranges[..., 1])).sum())
+
+
+def ellipse_levels(opacities: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis radius of the alpha >= 1/255 level set, 2 ln(255 o), with the margin."""
+    level = 2.0 * torch.log(torch.clamp_min(opacities * 255.0, 1.0))
+    return level * (BINNING_EXTENT_MARGIN * BINNING_EXTENT_MARGIN)
+
+
+def min_quadratic_on_rectangles(conics: torch.Tensor, centers: torch.Tensor,
+                                x_range: tuple[torch.Tensor, torch.Tensor],
+                                y_range: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """min over the rectangle of q(p) = (p - m)^T [[a, b], [b, c]] (p - m), exactly.
+
+    q is convex, so its minimum over a rectangle is 0 when m lies inside, else on an edge; on the
+    edge x = x_e the minimiser is dy = clamp(-b dx / c) (a 1D convex quadratic), likewise for y.
+
+    Args:
+        conics: [..., 3] (a, b, c), positive definite.  centers: [..., 2] ellipse centres m.
+        x_range, y_range: ([...], [...]) rectangle bounds (low, high), low <= high.
+    Returns:
+        [...] the minimum.
+    """
+    a, b, c = conics.unbind(-1)
+    mx, my = centers.unbind(-1)
+    x_low, x_high = x_range[0] - mx, x_range[1] - mx
+    y_low, y_high = y_range[0] - my, y_range[1] - my
+
+    def edge_min(fixed, first, second, quadratic_fixed, quadratic_free):
+        free = torch.clamp(-b * fixed / quadratic_free, min=first, max=second)
+        return quadratic_fixed * fixed * fixed + 2 * b * fixed * free + quadratic_free * free * free
+
+    best = torch.minimum(
+        torch.minimum(edge_min(x_low, y_low, y_high, a, c), edge_min(x_high, y_low, y_high, a, c)),
+        torch.minimum(edge_min(y_low, x_low, x_high, c, a), edge_min(y_high, x_low, x_high, c, a)))
+    inside = (x_low <= 0) & (x_high >= 0) & (y_low <= 0) & (y_high >= 0)
+    return torch.where(inside, torch.zeros_like(best), best)
+
+
+def tile_pixel_center_ranges(tile_x: torch.Tensor, tile_y: torch.Tensor, settings: RenderSettings):
+    """Rectangle of the pixel centres of tiles (clipped to the image): ((x0, x1), (y0, y1))."""
+    ts = settings.tile_size
+    x0 = tile_x * ts + 0.5
+    y0 = tile_y * ts + 0.5
+    x1 = torch.clamp_max(tile_x * ts + ts, settings.width) - 0.5
+    y1 = torch.clamp_max(tile_y * ts + ts, settings.height) - 0.5
+    return (x0, x1), (y0, y1)
+
+
+def pack_keys(camera: torch.Tensor, tile: torch.Tensor, depth: torch.Tensor,
+              n_tiles: int) -> torch.Tensor:
+    """int64 key (camera * n_tiles + tile) << 32 | float32 bits of depth (depth > 0)."""
+    depth_bits = depth.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return ((camera.to(torch.int64) * n_tiles + tile.to(torch.int64)) << DEPTH_BITS) | depth_bits
+
+
+def check_key_capacity(n_cameras: int, settings: RenderSettings) -> None:
+    """The camera | tile part must fit in the 31 bits above the depth field of an int64."""
+    if n_cameras * settings.n_tiles >= (1 << (63 - DEPTH_BITS)):
+        raise ValueError(f"viewmats: {n_cameras} cameras x {settings.n_tiles} tiles do not fit the "
+                         f"{63 - DEPTH_BITS} key bits above the depth; render fewer cameras per call")
+
+
+def bin_tiles(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tensor,
+              radii: torch.Tensor, depths: torch.Tensor, settings: RenderSettings) -> TileBins:
+    """Emit one key per (camera, tile, Gaussian) intersection, in Gaussian order.
+
+    Candidate tiles are those of the pixel box; with the "ellipse" rule each candidate is kept only
+    when min over the tile's pixel-centre rectangle of d^T conic d <= 2 ln(255 o) (x 1.001^2).
+    Intersections are emitted in increasing flat index c * N + g, then tile order, so a stable sort
+    of the keys orders equal depths by Gaussian index.
+
+    Args:
+        means2d: [C, N, 2].  conics: [C, N, 3].  opacities: [N].  radii: [C, N] int32.
+        depths: [C, N].
+    Returns:
+        TileBins(keys [M] int64, gaussian_ids [M] int32, tiles_per_gaussian [C, N] int32).
+    """
+    n_cameras, n = radii.shape
+    check_key_capacity(n_cameras, settings)
+    device = means2d.device
+    ranges = box_tile_ranges(pixel_boxes(means2d, radii, settings), settings).to(torch.int64)
+    widths = ranges[..., 2] - ranges[..., 0]
+    counts = (widths * (ranges[..., 3] - ranges[..., 1])).reshape(-1)
+    flat = torch.repeat_interleave(torch.arange(n_cameras * n, device=device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    local = torch.arange(flat.numel(), device=device) - starts[flat]
+    flat_widths = widths.reshape(-1)[flat]
+    tile_x = ranges.reshape(-1, 4)[flat, 0] + local % flat_widths.clamp_min(1)
+    tile_y = ranges.reshape(-1, 4)[flat, 1] + torch.div(local, flat_widths.clamp_min(1),
+                                                        rounding_mode="floor")
+    if settings.tile_rule == "ellipse" and flat.numel():
+        x_range, y_range = tile_pixel_center_ranges(tile_x.to(means2d.dtype),
+                                                    tile_y.to(means2d.dtype), settings)
+        gaussian = flat % n
+        q_min = min_quadratic_on_rectangles(conics.reshape(-1, 3)[flat], means2d.reshape(-1, 2)[flat],
+                                            x_range, y_range)
+        keep = q_min <= ellipse_levels(opacities)[gaussian]
+        flat, tile_x, tile_y = flat[keep], tile_x[keep], tile_y[keep]
+    camera = torch.div(flat, n, rounding_mode="floor") if n else flat
+    tile = tile_y * settings.tiles_x + tile_x
+    keys = pack_keys(camera, tile, depths.reshape(-1)[flat], settings.n_tiles)
+    tiles_per_gaussian = torch.bincount(flat, minlength=n_cameras * n).reshape(n_cameras, n)
+    return TileBins(keys, flat.to(torch.int32), tiles_per_gaussian.to(torch.int32))

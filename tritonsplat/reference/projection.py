@@ -1,0 +1,212 @@
+"""Projection of 3D Gaussians to 2D (EWA splatting) and SH colours, in pure PyTorch.
+
+Torch twin of `tritonsplat.ops.projection` (the Triton kernel fuses the same steps into one launch).
+Differentiable by autograd with respect to means, quats, scales, covariances, SH coefficients and
+view matrices. References: Zwicker et al. 2001 (EWA splatting), Kerbl et al. 2023 (3DGS, Eq. 5-6).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import constants
+from ..settings import RenderSettings
+
+
+class ProjectedGaussians(NamedTuple):
+    means2d: torch.Tensor  # [C, N, 2] pixel coordinates (pixel (i, j) centred at (i + .5, j + .5))
+    conics: torch.Tensor   # [C, N, 3] (a, b, c) of the inverse 2D covariance [[a, b], [b, c]]
+    depths: torch.Tensor   # [C, N] camera z of the mean
+    radii: torch.Tensor    # [C, N] int32, 0 when culled
+    colors: torch.Tensor | None  # [C, N, 3] SH colours, or None without SH
+
+
+def quaternion_to_rotation(quats: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices of unnormalised (w, x, y, z) quaternions.
+
+    Args:
+        quats: [..., 4].
+    Returns:
+        [..., 3, 3].
+    """
+    w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
+    rows = [
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ]
+    return torch.stack(rows, dim=-1).reshape(*quats.shape[:-1], 3, 3)
+
+
+def covariance_3d(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Sigma = R S S^T R^T (3DGS Eq. 6).
+
+    Args:
+        quats: [N, 4] (w, x, y, z), any norm.  scales: [N, 3] standard deviations.
+    Returns:
+        [N, 3, 3].
+    """
+    rotation_scale = quaternion_to_rotation(quats) * scales[:, None, :]
+    return rotation_scale @ rotation_scale.transpose(-1, -2)
+
+
+def covariance_from_upper(covars: torch.Tensor) -> torch.Tensor:
+    """[N, 6] upper triangle (xx, xy, xz, yy, yz, zz), the original renderer's layout -> [N, 3, 3]."""
+    xx, xy, xz, yy, yz, zz = torch.unbind(covars, dim=-1)
+    return torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], dim=-1).reshape(-1, 3, 3)
+
+
+def sh_basis(directions: torch.Tensor, degree: int) -> torch.Tensor:
+    """Real spherical-harmonics basis of 3DGS/gsplat evaluated at unit directions.
+
+    Args:
+        directions: [..., 3] unit vectors (x, y, z).
+        degree: 0..3.
+    Returns:
+        [..., (degree + 1)^2].
+    """
+    x, y, z = torch.unbind(directions, dim=-1)
+    basis = [torch.full_like(x, constants.SH_C0)]
+    if degree >= 1:
+        c1 = constants.SH_C1
+        basis += [-c1 * y, c1 * z, -c1 * x]
+    if degree >= 2:
+        c2 = constants.SH_C2
+        xx, yy, zz = x * x, y * y, z * z
+        basis += [c2[0] * x * y, c2[1] * y * z, c2[2] * (2 * zz - xx - yy), c2[3] * x * z,
+                  c2[4] * (xx - yy)]
+    if degree >= 3:
+        c3 = constants.SH_C3
+        basis += [c3[0] * y * (3 * xx - yy), c3[1] * x * y * z, c3[2] * y * (4 * zz - xx - yy),
+                  c3[3] * z * (2 * zz - 3 * xx - 3 * yy), c3[4] * x * (4 * zz - xx - yy),
+                  c3[5] * z * (xx - yy), c3[6] * x * (xx - 3 * yy)]
+    return torch.stack(basis, dim=-1)
+
+
+def camera_centers(viewmats: torch.Tensor) -> torch.Tensor:
+    """World-space camera centres -R^T t of world-to-camera matrices [C, 4, 4] -> [C, 3]."""
+    rotation, translation = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    return -(rotation.transpose(-1, -2) @ translation[..., None])[..., 0]
+
+
+def evaluate_sh_colors(sh_coeffs: torch.Tensor, means: torch.Tensor, centers: torch.Tensor,
+                       degree: int) -> torch.Tensor:
+    """View-dependent colour max(SH(d) + 0.5, 0), d = normalised (mean - camera centre).
+
+    Args:
+        sh_coeffs: [N, K, 3] with K >= (degree + 1)^2 (extra coefficients are ignored).
+        means: [N, 3].  centers: [C, 3].
+    Returns:
+        [C, N, 3].
+    """
+    offsets = means[None] - centers[:, None]
+    directions = offsets / offsets.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    basis = sh_basis(directions, degree)                                 # [C, N, B]
+    coeffs = sh_coeffs[:, : (degree + 1) ** 2]                           # [N, B, 3]
+    return torch.clamp_min(torch.einsum("cnb,nbd->cnd", basis, coeffs) + 0.5, 0.0)
+
+
+@torch.no_grad()
+def splat_radii(means2d: torch.Tensor, cov2d_a: torch.Tensor, cov2d_b: torch.Tensor,
+                cov2d_c: torch.Tensor, det: torch.Tensor, opacities: torch.Tensor,
+                in_depth_range: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
+    """Screen-space radius in whole pixels, 0 for culled Gaussians.
+
+    Standard rule: r = ceil(k sqrt(lambda_max)), k = min(3.33, sqrt(2 ln(255 o))); culled when
+    z is out of (near, far), o < 1/255, det <= 0 or the box [mean - r, mean + r] misses the image.
+    Inria rule (compat): k = 3, lambda = mid + sqrt(max(0.1, mid^2 - det)), culled when z <= near,
+    det == 0, or the original's tile rectangle is empty.
+
+    Args:
+        means2d: [C, N, 2].  cov2d_a/b/c, det: [C, N] entries and determinant of the dilated 2D
+        covariance.  opacities: [N].  in_depth_range: [C, N] bool.
+    Returns:
+        [C, N] int32.
+    """
+    mid = 0.5 * (cov2d_a + cov2d_c)
+    if settings.radius_rule == "inria":
+        spread = torch.sqrt(torch.clamp_min(mid * mid - det, constants.INRIA_EIGEN_FLOOR))
+        extent = torch.full_like(mid, constants.INRIA_RADIUS_SIGMAS)
+        keep = in_depth_range & (det != 0)
+    else:
+        spread = torch.sqrt(torch.clamp_min(mid * mid - det, 0.0))
+        log_term = torch.log(torch.clamp_min(opacities * 255.0, 1.0))     # ln(255 o) >= 0
+        extent = torch.clamp_max(torch.sqrt(2.0 * log_term), constants.MAX_EXTENT_SIGMAS)
+        extent = extent[None].expand_as(mid)
+        keep = in_depth_range & (det > 0) & (opacities >= constants.MIN_ALPHA)[None]
+    lambda_max = mid + spread
+    radius = torch.ceil(extent * torch.sqrt(torch.clamp_min(lambda_max, 0.0)))
+    keep = keep & torch.isfinite(radius) & (radius > 0)
+    mx, my = means2d[..., 0], means2d[..., 1]
+    if settings.radius_rule == "inria":
+        from .binning import inria_tile_rectangles  # local: binning imports this module's types
+        rect = inria_tile_rectangles(means2d, radius, settings)
+        keep = keep & ((rect[..., 2] - rect[..., 0]) * (rect[..., 3] - rect[..., 1]) > 0)
+    else:
+        keep = keep & (mx + radius > 0) & (mx - radius < settings.width)
+        keep = keep & (my + radius > 0) & (my - radius < settings.height)
+    radius = torch.where(keep, radius, torch.zeros_like(radius))
+    return radius.to(torch.int32)
+
+
+def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: torch.Tensor | None,
+                      opacities: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+                      clamp_limits: torch.Tensor, settings: RenderSettings, *,
+                      covars: torch.Tensor | None = None, sh_coeffs: torch.Tensor | None = None,
+                      sh_degree: int | None = None) -> ProjectedGaussians:
+    """Project N Gaussians into C cameras (EWA splatting with the Jacobian clamp and dilation).
+
+    t = R mu + T; J = [[fx/z, 0, -fx tx/z^2], [0, fy/z, -fy ty/z^2]] with tx = z clamp(x/z) (the
+    clamp acts inside J only); Sigma2D = J R Sigma R^T J^T + eps2d I; mean2d = (fx x/z + cx,
+    fy y/z + cy). Culled Gaussians (radius 0) still get finite outputs and zero gradients.
+
+    Args:
+        means: [N, 3].  quats: [N, 4] (w, x, y, z), any norm.  scales: [N, 3].
+        opacities: [N] (only for the opacity-aware radius; not differentiated here).
+        viewmats: [C, 4, 4] world-to-camera.  Ks: [C, 3, 3].
+        clamp_limits: [C, 4] (x/z low, x/z high, y/z low, y/z high) of the Jacobian clamp.
+        settings: resolved render settings.
+        covars: optional [N, 6] upper-triangular 3D covariances replacing quats/scales.
+        sh_coeffs: optional [N, K, 3] SH coefficients, evaluated at degree `sh_degree`.
+    Returns:
+        ProjectedGaussians(means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N] int32,
+        colors [C,N,3] or None).
+    """
+    rotation, translation = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    cam_points = torch.einsum("cij,nj->cni", rotation, means) + translation[:, None]   # [C, N, 3]
+    px, py, pz = torch.unbind(cam_points, dim=-1)
+    in_depth_range = (pz > settings.near) & (pz < settings.far)
+    # Culled entries compute on a safe depth so no inf/NaN can leak into gradients through where().
+    z = torch.where(in_depth_range, pz, torch.ones_like(pz))
+
+    cov3d = covariance_from_upper(covars) if covars is not None else covariance_3d(quats, scales)
+    cov_cam = rotation[:, None] @ cov3d[None] @ rotation[:, None].transpose(-1, -2)   # [C, N, 3, 3]
+
+    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
+    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    limits = clamp_limits[:, None, :]
+    tx = z * torch.clamp(px / z, min=limits[..., 0], max=limits[..., 1])
+    ty = z * torch.clamp(py / z, min=limits[..., 2], max=limits[..., 3])
+    zeros = torch.zeros_like(z)
+    jacobian = torch.stack([fx / z, zeros, -fx * tx / (z * z),
+                            zeros, fy / z, -fy * ty / (z * z)], dim=-1).reshape(*z.shape, 2, 3)
+    cov2d = jacobian @ cov_cam @ jacobian.transpose(-1, -2)
+    a = cov2d[..., 0, 0] + settings.eps2d
+    b = cov2d[..., 0, 1]
+    c = cov2d[..., 1, 1] + settings.eps2d
+    det = a * c - b * b
+    means2d = torch.stack([fx * px / z + cx, fy * py / z + cy], dim=-1)
+
+    radii = splat_radii(means2d.detach(), a.detach(), b.detach(), c.detach(), det.detach(),
+                        opacities.detach(), in_depth_range, settings)
+    visible = radii > 0
+    safe_det = torch.where(visible, det, torch.ones_like(det))
+    conics = torch.stack([c / safe_det, -b / safe_det, a / safe_det], dim=-1)
+    conics = torch.where(visible[..., None], conics, torch.zeros_like(conics))
+
+    colors = None
+    if sh_coeffs is not None:
+        colors = evaluate_sh_colors(sh_coeffs, means, camera_centers(viewmats), sh_degree)
+    return ProjectedGaussians(means2d, conics, pz, radii, colors)
