@@ -9,6 +9,7 @@ import torch
 
 from . import constants
 from .backends import resolve_backend
+from .profiling import stage
 from .settings import RenderSettings, standard_clamp_limits
 from .validation import validate_rasterize_inputs
 
@@ -169,28 +170,32 @@ def render_torch(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, *
     from .reference.compositing import composite
     from .reference.projection import project_gaussians
 
-    projected = project_gaussians(
-        inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
-        clamp_limits, settings, covars=covars,
-        sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
+    with stage("projection"):
+        projected = project_gaussians(
+            inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
+            clamp_limits, settings, covars=covars,
+            sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
     colors = projected.colors if inputs.sh_degree is not None else inputs.colors
     means2d = projected.means2d
     if means2d.requires_grad:
         means2d.retain_grad()
     composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
-    boxes = pixel_boxes(means2d.detach(), projected.radii, settings)
+    with stage("binning"):
+        boxes = pixel_boxes(means2d.detach(), projected.radii, settings)
+        n_intersections = count_box_tiles(boxes, settings)
     densify_grad = None
     if densify_channels is not None:
         densify_grad = torch.zeros_like(means2d, requires_grad=False)
-    rendered = composite(composite_means2d, projected.conics, inputs.opacities, colors, projected.depths,
-                         inputs.backgrounds, boxes, settings, absgrad=absgrad,
-                         densify_channels=densify_channels, densify_grad=densify_grad,
-                         deterministic=deterministic)
+    with stage("compositing"):
+        rendered = composite(composite_means2d, projected.conics, inputs.opacities, colors, projected.depths,
+                             inputs.backgrounds, boxes, settings, absgrad=absgrad,
+                             densify_channels=densify_channels, densify_grad=densify_grad,
+                             deterministic=deterministic)
     return RasterizeOutput(
         colors=rendered.colors, alphas=rendered.alphas,
         depths=expected_depth(rendered.depth_sums, rendered.alphas),
         median_depths=rendered.median_depths, radii=projected.radii, means2d=means2d,
-        n_intersections=count_box_tiles(boxes, settings), densify_grad=densify_grad, backend="torch")
+        n_intersections=n_intersections, densify_grad=densify_grad, backend="torch")
 
 
 def expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

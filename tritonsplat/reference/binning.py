@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import constants
 from ..settings import RenderSettings
 
 # Relative safety margin on the binned ellipse's extent (0.1 %; the issue allows up to 1 %): the
@@ -202,3 +203,68 @@ def bin_tiles(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tens
     keys = pack_keys(camera, tile, depths.reshape(-1)[flat], settings.n_tiles)
     tiles_per_gaussian = torch.bincount(flat, minlength=n_cameras * n).reshape(n_cameras, n)
     return TileBins(keys, flat.to(torch.int32), tiles_per_gaussian.to(torch.int32))
+
+
+@torch.no_grad()
+def exact_tile_intersections(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tensor,
+                             radii: torch.Tensor, settings: RenderSettings, chunk_pairs: int = 1 << 22) -> int:
+    """The exact minimum of tile intersections: (Gaussian, tile) pairs such that the tile holds at
+    least one pixel where the Gaussian's alpha = min(cap, o G) reaches 1/255 (brute force over the
+    pixels of each Gaussian's box, in chunks of Gaussians).
+
+    Args:
+        means2d: [C, N, 2].  conics: [C, N, 3].  opacities: [N].  radii: [C, N] int32.
+    """
+    from .compositing import _pair_geometry
+
+    n_cameras, n = radii.shape
+    device = means2d.device
+    boxes = pixel_boxes(means2d, radii, settings).to(torch.int64).reshape(-1, 4)
+    widths = boxes[:, 2] - boxes[:, 0]
+    counts = widths * (boxes[:, 3] - boxes[:, 1])
+    flat_opacities = opacities[None].expand(n_cameras, n).reshape(-1)
+    total = 0
+    start = 0
+    cumulative = torch.cumsum(counts, 0)
+    while start < n_cameras * n:
+        base = int(cumulative[start - 1]) if start else 0
+        end = int(torch.searchsorted(cumulative, base + chunk_pairs, right=True))
+        end = max(end, start + 1)
+        gaussians = torch.arange(start, min(end, n_cameras * n), device=device)
+        start = end
+        pair_counts = counts[gaussians]
+        flat = torch.repeat_interleave(gaussians, pair_counts)
+        if flat.numel() == 0:
+            continue
+        local = torch.arange(flat.numel(), device=device) - (torch.cumsum(pair_counts, 0) - pair_counts
+                                                             ).repeat_interleave(pair_counts)
+        x = boxes[flat, 0] + local % widths[flat]
+        y = boxes[flat, 1] + torch.div(local, widths[flat], rounding_mode="floor")
+        camera = torch.div(flat, n, rounding_mode="floor")
+        pixel = (camera * settings.height + y) * settings.width + x
+        geometry = _pair_geometry(flat, pixel, means2d.reshape(-1, 2), conics.reshape(-1, 3), flat_opacities,
+                                  settings.width, settings.height, settings.alpha_cap)
+        hit = (geometry.sigma >= 0) & (geometry.alpha >= constants.MIN_ALPHA)
+        tile = torch.div(y, settings.tile_size, rounding_mode="floor") * settings.tiles_x + torch.div(
+            x, settings.tile_size, rounding_mode="floor")
+        keys = flat[hit] * settings.n_tiles + tile[hit]
+        total += int(torch.unique(keys).numel())
+    return total
+
+
+@torch.no_grad()
+def original_rule_tile_count(means, quats, scales, viewmats, Ks, settings: RenderSettings) -> int:
+    """Tile intersections of the original renderer's rule: the tile rectangle (getRect) of
+    r = ceil(3 sqrt(lambda_max)), lambda_max = mid + sqrt(max(0.1, mid^2 - det)), no opacity cull."""
+    from dataclasses import replace
+
+    from ..settings import standard_clamp_limits
+    from .projection import project_gaussians
+
+    inria = replace(settings, radius_rule="inria", tile_rule="rectangle")
+    opacities = torch.ones(means.shape[0], dtype=means.dtype, device=means.device)
+    projected = project_gaussians(means, quats, scales, opacities, viewmats, Ks,
+                                  standard_clamp_limits(Ks, settings.width, settings.height), inria)
+    rect = inria_tile_rectangles(projected.means2d, projected.radii, inria).to(torch.int64)
+    count = (rect[..., 2] - rect[..., 0]) * (rect[..., 3] - rect[..., 1])
+    return int(torch.where(projected.radii > 0, count, torch.zeros_like(count)).sum())

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .. import constants
+from ..profiling import backward_stage
 from ..settings import RenderSettings
 
 # Candidate pairs per band: ~100 MB of temporaries at float32, measured fastest on 2 CPU cores
@@ -256,6 +257,11 @@ class _CompositeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_colors, grad_alphas, grad_depth_sums, _grad_median):
+        with backward_stage("compositing_backward"):
+            return _CompositeFunction._backward(ctx, grad_colors, grad_alphas, grad_depth_sums)
+
+    @staticmethod
+    def _backward(ctx, grad_colors, grad_alphas, grad_depth_sums):
         (means2d, conics, opacities, colors, depths, backgrounds, final_transmittance,
          pairs_gaussian, pairs_pixel) = ctx.saved_tensors
         settings = ctx.settings
