@@ -1,0 +1,57 @@
+"""Stages 3 and 4: depth sort of the intersection keys and per-tile ranges.
+
+Sort: `torch.sort(keys, stable=True)` (CUB radix sort on CUDA) over int64 keys camera | tile | float32
+depth bits; the stable sort keeps Gaussian order for equal depths. A Triton radix sort or per-tile
+segmented sort is not built: the choice is to be made by GPU measurement (not measured yet).
+Tile ranges (Triton): each intersection compares its (camera, tile) bin with its neighbours'; the
+first of a bin writes the start, the last writes the end. Empty tiles keep (0, 0).
+Torch twin: `tritonsplat.reference.sorting`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.binning import DEPTH_BITS
+from ._launch import cdiv, contiguous_inputs, launch_settings
+
+
+@triton.jit
+def _tile_ranges_kernel(
+    sorted_keys_ptr,   # [M] int64 sorted keys
+    ranges_ptr,        # out [C * n_tiles, 2] int64, zero-initialised
+    n_intersections,
+    BLOCK: tl.constexpr, SHIFT: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # [BLOCK] int64
+    mask = offsets < n_intersections
+    tile_bin = tl.load(sorted_keys_ptr + offsets, mask=mask, other=-1) >> SHIFT
+    previous = tl.load(sorted_keys_ptr + offsets - 1, mask=mask & (offsets > 0), other=-1) >> SHIFT
+    following = tl.load(sorted_keys_ptr + offsets + 1, mask=(offsets + 1) < n_intersections, other=-1) >> SHIFT
+    first = mask & (previous != tile_bin)
+    last = mask & (following != tile_bin)
+    tl.store(ranges_ptr + tile_bin * 2, offsets, mask=first)
+    tl.store(ranges_ptr + tile_bin * 2 + 1, offsets + 1, mask=last)
+
+
+def sort_by_depth(keys: torch.Tensor,           # [M] int64
+                  gaussian_ids: torch.Tensor    # [M] int32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of the keys; returns (sorted keys [M] int64, ids in key order [M] int32)."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    return sorted_keys, gaussian_ids[order]
+
+
+@contiguous_inputs
+def tile_ranges(sorted_keys: torch.Tensor,  # [M] int64
+                n_bins: int) -> torch.Tensor:
+    """[start, end) of every (camera, tile) bin: [n_bins, 2] int64 ((0, 0) for empty bins)."""
+    ranges = torch.zeros(n_bins, 2, dtype=torch.int64, device=sorted_keys.device)
+    total = sorted_keys.numel()
+    if total:
+        launch = launch_settings("tile_ranges")
+        _tile_ranges_kernel[(cdiv(total, launch.block),)](sorted_keys, ranges, total, BLOCK=launch.block,
+                                                          SHIFT=DEPTH_BITS, num_warps=launch.num_warps)
+    return ranges
