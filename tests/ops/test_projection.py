@@ -1,11 +1,12 @@
 """Triton projection (interpreter on CPU) vs the torch twin: outputs and hand-written gradients.
 
 Tolerances:
-| quantity                      | tolerance                          | why                                       |
-|-------------------------------|------------------------------------|-------------------------------------------|
-| means2d, conics, depths, SH   | atol 1e-5, rtol 1e-5               | float32 kernel vs float64 twin            |
-| radii                         | exact                              | same float32 rule; scenes off integers    |
-| gradients                     | ||diff|| <= 1e-4 ||g||, elementwise rtol 1e-3 / atol 1e-6 x max|g| | the issue's; atol scaled by the tensor's magnitude because entries span 6 decades |
+| quantity                      | tolerance                                | why                               |
+|-------------------------------|------------------------------------------|-----------------------------------|
+| means2d, conics, depths, SH   | atol 1e-5, rtol 1e-5                     | float32 kernel vs float64 twin    |
+| radii                         | exact                                    | same float32 rule; off integers   |
+| gradients                     | ||diff|| <= 1e-4 ||g||, and elementwise   | the issue's; atol scaled by the   |
+|                               | rtol 1e-3, atol 1e-6 x max|g|            | magnitude (entries span 6 decades)|
 """
 
 import pytest
