@@ -120,7 +120,7 @@ def _compositing_variants() -> list[KernelVariant]:
         "out_depths_ptr": "*fp32", "out_median_ptr": "*fp32", "out_final_ptr": "*fp32", "out_last_ptr": "*i32",
         "n_gaussians": "i32", "n_channels": "i32", "color_stride_camera": "i32", "width": "i32", "height": "i32",
         "tiles_x": "i32", "n_tiles": "i32", "alpha_cap": "fp32", "TILE_SIZE": "constexpr", "BATCH": "constexpr",
-        "HAS_BACKGROUND": "constexpr"})
+        "HAS_BACKGROUND": "constexpr", "REGISTER_CHANNELS": "constexpr"})
     backward_signature = {name: "*fp32" for name in pointers}
     backward_signature.update({
         "ranges_ptr": "*i64", "ids_ptr": "*i32", "final_ptr": "*fp32", "last_ptr": "*i32",
@@ -132,8 +132,11 @@ def _compositing_variants() -> list[KernelVariant]:
         "tiles_x": "i32", "n_tiles": "i32", "alpha_cap": "fp32", "row_width": "i32",
         "TILE_SIZE": "constexpr", "BATCH": "constexpr", "HAS_BACKGROUND": "constexpr", "ABSGRAD": "constexpr",
         "DENSIFY": "constexpr", "DETERMINISTIC": "constexpr"})
-    variants = [KernelVariant("composite_forward", "compositing", "_composite_forward_kernel", forward_signature,
-                              {"TILE_SIZE": 16, "BATCH": forward.block, "HAS_BACKGROUND": True}, forward.num_warps)]
+    variants = [KernelVariant(f"composite_forward[register_channels={rc}]", "compositing",
+                              "_composite_forward_kernel", forward_signature,
+                              {"TILE_SIZE": 16, "BATCH": forward.block, "HAS_BACKGROUND": True,
+                               "REGISTER_CHANNELS": rc}, forward.num_warps)
+                for rc in (0, 4, 8)]
     for deterministic in (False, True):
         for extras in (False, True):
             variants.append(KernelVariant(

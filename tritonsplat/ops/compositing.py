@@ -6,9 +6,10 @@ tensors. Within a batch, transmittance is a cumulative product over the batch ax
     T_after_i = T * prod_{j <= i} (1 - alpha_j),   blended_i = alpha_i >= 1/255 and T_after_i >= 1e-4,
 which is exactly the sequential rule of the original (the first Gaussian that would take T below
 1e-4 stops the pixel, and every later one has a smaller product, so blended Gaussians are a prefix).
-The program exits once every pixel of its tile has stopped. Colour channels are accumulated one at
-a time into the output (each pixel belongs to one program), so any channel count D runs through the
-same kernel without register growth. Forward saves the final transmittance and the index of the
+The program exits once every pixel of its tile has stopped. Up to 8 colour channels accumulate in a
+[pixels, 8] register tile; wider D accumulates one channel at a time into the output (each pixel
+belongs to one program), so any channel count D runs through the same kernel without register
+growth. Forward saves the final transmittance and the index of the
 last blended intersection per pixel for backward. Torch twin: `tritonsplat.reference.compositing`.
 """
 
@@ -82,7 +83,7 @@ def _composite_forward_kernel(
     out_final_ptr,      # out [C, H, W] float32 final transmittance
     out_last_ptr,       # out [C, H, W] int32 index of the last blended intersection (-1: none)
     n_gaussians, n_channels, color_stride_camera, width, height, tiles_x, n_tiles, alpha_cap,
-    TILE_SIZE: tl.constexpr, BATCH: tl.constexpr, HAS_BACKGROUND: tl.constexpr,
+    TILE_SIZE: tl.constexpr, BATCH: tl.constexpr, HAS_BACKGROUND: tl.constexpr, REGISTER_CHANNELS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     camera = tl.program_id(1)
@@ -90,6 +91,10 @@ def _composite_forward_kernel(
     tile_bin = camera.to(tl.int64) * n_tiles + tile
     start = tl.load(ranges_ptr + tile_bin * 2, mask=tile < n_tiles, other=0)
     end = tl.load(ranges_ptr + tile_bin * 2 + 1, mask=tile < n_tiles, other=0)
+    if REGISTER_CHANNELS > 0:
+        # D <= 8: a [P, REGISTER_CHANNELS] accumulator in registers, stored once at the end.
+        channel = tl.arange(0, REGISTER_CHANNELS)
+        color_sum = tl.zeros([TILE_SIZE * TILE_SIZE, REGISTER_CHANNELS], dtype=tl.float32)
 
     transmittance = tl.where(inside, 1.0, 0.0)                             # [P]
     done = (~inside).to(tl.int32)                                          # [P] 1 once stopped
@@ -122,19 +127,36 @@ def _composite_forward_kernel(
         last = tl.maximum(last, tl.max(tl.where(blended, index[:, None].to(tl.int32), -1), axis=0))
         transmittance = tl.min(tl.where(blended, after, transmittance[None, :]), axis=0)
         done = tl.maximum(done, tl.max(stopped.to(tl.int32), axis=0))
-        for channel in range(0, n_channels):
-            color = tl.load(colors_ptr + color_base + gaussian * n_channels + channel,
-                            mask=valid, other=0.0)
-            address = out_colors_ptr + image_index * n_channels + channel
-            accumulated = tl.load(address, mask=inside, other=0.0)
-            tl.store(address, accumulated + tl.sum(weight * color[:, None], axis=0), mask=inside)
+        if REGISTER_CHANNELS > 0:
+            # Unrolled over channels: a [B, P, RC] broadcast would go through shared memory.
+            for channel_index in tl.static_range(REGISTER_CHANNELS):
+                color = tl.load(colors_ptr + color_base + gaussian * n_channels + channel_index,
+                                mask=valid & (gaussian * 0 + channel_index < n_channels), other=0.0)
+                contribution = tl.sum(weight * color[:, None], axis=0)                   # [P]
+                color_sum += tl.where(channel[None, :] == channel_index, contribution[:, None], 0.0)
+        else:
+            # Any D: one channel at a time, accumulated in the output (each pixel has one program).
+            for channel_index in range(0, n_channels):
+                color = tl.load(colors_ptr + color_base + gaussian * n_channels + channel_index,
+                                mask=valid, other=0.0)
+                address = out_colors_ptr + image_index * n_channels + channel_index
+                accumulated = tl.load(address, mask=inside, other=0.0)
+                tl.store(address, accumulated + tl.sum(weight * color[:, None], axis=0), mask=inside)
         n_active = tl.sum(1 - done, axis=0)
         batch_start += BATCH
 
-    if HAS_BACKGROUND:
-        for channel in range(0, n_channels):
-            background = tl.load(backgrounds_ptr + camera * n_channels + channel, mask=camera >= 0, other=0.0)
-            address = out_colors_ptr + image_index * n_channels + channel
+    if REGISTER_CHANNELS > 0:
+        if HAS_BACKGROUND:
+            background = tl.load(backgrounds_ptr + camera * n_channels + channel, mask=channel < n_channels,
+                                 other=0.0)
+            color_sum += transmittance[:, None] * background[None, :]
+        tl.store(out_colors_ptr + image_index[:, None] * n_channels + channel[None, :], color_sum,
+                 mask=inside[:, None] & (channel < n_channels)[None, :])
+    elif HAS_BACKGROUND:
+        for channel_index in range(0, n_channels):
+            background = tl.load(backgrounds_ptr + camera * n_channels + channel_index, mask=camera >= 0,
+                                 other=0.0)
+            address = out_colors_ptr + image_index * n_channels + channel_index
             accumulated = tl.load(address, mask=inside, other=0.0)
             tl.store(address, accumulated + transmittance * background, mask=inside)
     tl.store(out_alphas_ptr + image_index, alpha_sum, mask=inside)
@@ -295,6 +317,17 @@ def _composite_backward_kernel(
         batch_end = batch_start
 
 
+# Widest colour accumulator kept in registers by the forward kernel; wider D accumulates in memory.
+MAX_REGISTER_CHANNELS = 8
+
+
+def register_channels(n_channels: int) -> int:
+    """Power-of-two width of the forward's register accumulator, or 0 for the any-D path."""
+    if n_channels > MAX_REGISTER_CHANNELS:
+        return 0
+    return 1 << max(n_channels - 1, 0).bit_length()
+
+
 def _color_layout(colors: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Colours as a contiguous [N, D] (shared, camera stride 0) or [C, N, D] tensor and the camera stride."""
     if colors.dim() == 2:
@@ -321,7 +354,7 @@ def composite_forward(means2d, conics, opacities, colors, depths, backgrounds, r
         ranges, ids, out_colors, *out, last,
         n, n_channels, stride_camera, w, h, settings.tiles_x, settings.n_tiles, settings.alpha_cap,
         TILE_SIZE=settings.tile_size, BATCH=launch.block, HAS_BACKGROUND=backgrounds is not None,
-        num_warps=launch.num_warps)
+        REGISTER_CHANNELS=register_channels(n_channels), num_warps=launch.num_warps)
     alphas, depth_sums, medians, final = out
     return out_colors, alphas, depth_sums, medians, final, last
 
