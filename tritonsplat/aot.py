@@ -90,22 +90,28 @@ def _binning_variants() -> list[KernelVariant]:
         "means2d_ptr": "*fp32", "conics_ptr": "*fp32", "opacities_ptr": "*fp32", "radii_ptr": "*i32",
         "depths_ptr": "*fp32", "offsets_ptr": "*i64", "counts_ptr": "*i32", "keys_ptr": "*i64",
         "ids_ptr": "*i32", "n_gaussians": "i32", "n_cameras": "i32", "width": "i32", "height": "i32",
-        "tiles_x": "i32", "tiles_y": "i32", "n_tiles": "i32", "BLOCK": "constexpr", "TILE_SIZE": "constexpr",
-        "TILE_RULE": "constexpr", "EMIT": "constexpr"}
-    return [KernelVariant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", "binning", "_bin_tiles_kernel",
-                          signature, {"BLOCK": launch.block, "TILE_SIZE": 16, "TILE_RULE": rule, "EMIT": emit},
-                          launch.num_warps)
-            for rule in (0, 1) for emit in (False, True)]
+        "tiles_x": "i32", "tiles_y": "i32", "n_tiles": "i32", "rank_bits": "i32", "BLOCK": "constexpr",
+        "TILE_SIZE": "constexpr", "TILE_RULE": "constexpr", "EMIT": "constexpr", "RANK_KEYS": "constexpr"}
+    rank_signature = dict(signature, depths_ptr="*i32", keys_ptr="*i32")
+    variants = [KernelVariant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", "binning",
+                              "_bin_tiles_kernel", signature,
+                              {"BLOCK": launch.block, "TILE_SIZE": 16, "TILE_RULE": rule, "EMIT": emit,
+                               "RANK_KEYS": False}, launch.num_warps)
+                for rule in (0, 1) for emit in (False, True)]
+    variants.append(KernelVariant("bin_tiles[emit,rule=0,rank_keys]", "binning", "_bin_tiles_kernel",
+                                  rank_signature, {"BLOCK": launch.block, "TILE_SIZE": 16, "TILE_RULE": 0,
+                                                   "EMIT": True, "RANK_KEYS": True}, launch.num_warps))
+    return variants
 
 
 def _sorting_variants() -> list[KernelVariant]:
     from .ops._launch import launch_settings
 
     launch = launch_settings("tile_ranges")
-    return [KernelVariant("tile_ranges", "sorting", "_tile_ranges_kernel",
-                          {"sorted_keys_ptr": "*i64", "ranges_ptr": "*i64", "n_intersections": "i64",
-                           "BLOCK": "constexpr", "SHIFT": "constexpr"},
-                          {"BLOCK": launch.block, "SHIFT": 32}, launch.num_warps)]
+    return [KernelVariant(f"tile_ranges[{key}]", "sorting", "_tile_ranges_kernel",
+                          {"sorted_keys_ptr": f"*{key}", "ranges_ptr": "*i64", "n_intersections": "i64",
+                           "shift": "i32", "BLOCK": "constexpr"},
+                          {"BLOCK": launch.block}, launch.num_warps) for key in ("i64", "i32")]
 
 
 def _compositing_variants() -> list[KernelVariant]:

@@ -32,7 +32,8 @@ def _projected(scene, settings):
 
 @pytest.mark.parametrize("tile_rule", ["ellipse", "rectangle"])
 @pytest.mark.parametrize("n_cameras,width,height", [(1, 32, 32), (3, 37, 21)])
-def test_binning_matches_torch_twin(tile_rule, n_cameras, width, height, device):
+def test_binning_matches_torch_twin(tile_rule, n_cameras, width, height, device, monkeypatch):
+    monkeypatch.setattr(triton_binning, "KEY_LAYOUT", "depth_bits")   # the twin's int64 keys, exactly
     scene = make_scene(n=50, width=width, height=height, n_cameras=n_cameras, seed=width,
                        scale_range=(0.05, 0.5))
     settings = RenderSettings(width, height, tile_size=8 if tile_rule == "ellipse" else 16, tile_rule=tile_rule,
@@ -54,6 +55,30 @@ def test_binning_matches_torch_twin(tile_rule, n_cameras, width, height, device)
     nonempty = ends > starts
     assert torch.equal(ranges[nonempty, 0], starts[nonempty]) and torch.equal(ranges[nonempty, 1], ends[nonempty])
     assert (ranges[~nonempty] == 0).all()
+
+
+@pytest.mark.parametrize("n_cameras", [1, 3])
+def test_rank_keys_sort_exactly_like_depth_keys(n_cameras, device, monkeypatch):
+    scene = make_scene(n=60, width=40, height=24, n_cameras=n_cameras, seed=21, scale_range=(0.05, 0.4))
+    scene.means[10:20, 2] = 3.0                      # ties in depth
+    settings = RenderSettings(40, 24)
+    p, scene32 = _projected(scene, settings)
+    inputs = [t.to(device) for t in (p.means2d, p.conics, scene32.opacities, p.radii, p.depths)]
+    results = {}
+    for layout in ("auto", "depth_bits"):
+        monkeypatch.setattr(triton_binning, "KEY_LAYOUT", layout)
+        bins = triton_binning.bin_tiles(*inputs, settings)
+        sorted_keys, sorted_ids = triton_sorting.sort_by_depth(bins.keys, bins.gaussian_ids)
+        rank_bits = triton_binning.rank_key_bits(n_cameras, 60, settings)
+        shift = rank_bits if sorted_keys.dtype == torch.int32 else 32
+        results[layout] = (sorted_keys.dtype, sorted_ids.cpu(),
+                           triton_sorting.tile_ranges(sorted_keys, n_cameras * settings.n_tiles, shift).cpu())
+    assert results["auto"][0] == torch.int32 and results["depth_bits"][0] == torch.int64
+    assert torch.equal(results["auto"][1], results["depth_bits"][1])
+    assert torch.equal(results["auto"][2], results["depth_bits"][2])
+    monkeypatch.setattr(triton_binning, "KEY_LAYOUT", "auto")
+    assert triton_binning.rank_key_bits(2, 300_000, RenderSettings(640, 360)) == 19      # 920 tiles: int32
+    assert triton_binning.rank_key_bits(64, 1_000_000, RenderSettings(1920, 1080)) == 0  # too wide: int64
 
 
 def test_equal_depths_are_ordered_by_gaussian_index(device):

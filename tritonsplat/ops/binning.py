@@ -14,6 +14,11 @@ Two launches of one kernel: EMIT=False counts the kept tiles of each (camera, Ga
 int64 exclusive prefix sum, EMIT=True writes key = (camera * n_tiles + tile) << 32 | float32 bits of
 depth and value = c * N + g at the Gaussian's offset, in Gaussian order (so a stable sort orders
 equal depths by index).
+
+Narrow keys: when bits(C * n_tiles) + bits(N) <= 31, the depth field is replaced by the Gaussian's
+rank in its camera's stable depth order (one sort of C x N depths), so the key fits an int32 and the
+radix sort of the intersections needs half the passes; the resulting order is identical (camera, tile,
+depth, then index). `KEY_LAYOUT = "depth_bits"` forces the int64 layout (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from ..settings import RenderSettings
 from ._launch import cdiv, contiguous_inputs, launch_settings
 
 LEVEL_MARGIN = tl.constexpr(BINNING_EXTENT_MARGIN * BINNING_EXTENT_MARGIN)
+# "auto": int32 depth-rank keys when they fit, else int64 depth bits; "depth_bits": always int64.
+KEY_LAYOUT = "auto"
 # Intersections are indexed with int32 downstream (ids, last contributors).
 MAX_INTERSECTIONS = 2**31 - 1
 
@@ -44,13 +51,14 @@ def _bin_tiles_kernel(
     conics_ptr,       # [C, N, 3] float32
     opacities_ptr,    # [N] float32
     radii_ptr,        # [C, N] int32
-    depths_ptr,       # [C, N] float32
+    depths_ptr,       # [C, N] float32 (int64 keys) or [C, N] int32 depth ranks (RANK_KEYS)
     offsets_ptr,      # [C, N] int64 exclusive prefix sum of the counts (EMIT only)
     counts_ptr,       # out [C, N] int32 (count pass only)
-    keys_ptr,         # out [M] int64 (EMIT only)
+    keys_ptr,         # out [M] int64, or int32 with RANK_KEYS (EMIT only)
     ids_ptr,          # out [M] int32 (EMIT only)
-    n_gaussians, n_cameras, width, height, tiles_x, tiles_y, n_tiles,
+    n_gaussians, n_cameras, width, height, tiles_x, tiles_y, n_tiles, rank_bits,
     BLOCK: tl.constexpr, TILE_SIZE: tl.constexpr, TILE_RULE: tl.constexpr, EMIT: tl.constexpr,
+    RANK_KEYS: tl.constexpr,
 ):
     block = tl.program_id(0)
     camera = tl.program_id(1)
@@ -92,8 +100,11 @@ def _bin_tiles_kernel(
     level = (2.0 * tl.log(tl.maximum(opacity * 255.0, 1.0))) * LEVEL_MARGIN
     if EMIT:
         position = tl.load(offsets_ptr + row, mask=visible, other=0)
-        depth_bits = tl.load(depths_ptr + row, mask=visible, other=1.0).to(tl.int32, bitcast=True)
-        depth_bits = depth_bits.to(tl.int64) & 0xFFFFFFFF
+        if RANK_KEYS:
+            depth_rank = tl.load(depths_ptr + row, mask=visible, other=0)
+        else:
+            depth_bits = tl.load(depths_ptr + row, mask=visible, other=1.0).to(tl.int32, bitcast=True)
+            depth_bits = depth_bits.to(tl.int64) & 0xFFFFFFFF
     count = tl.zeros([BLOCK], dtype=tl.int32)
     most = tl.max(candidates, axis=0)
     for i in range(0, most):
@@ -116,23 +127,46 @@ def _bin_tiles_kernel(
             best = tl.where(inside, 0.0, best)
             hit = active & (best <= level)
         if EMIT:
-            tile_bin = (camera * n_tiles + tile_y * tiles_x + tile_x).to(tl.int64)
             target = position + count
-            tl.store(keys_ptr + target, (tile_bin << 32) | depth_bits, mask=hit)
+            if RANK_KEYS:
+                tile_bin = camera * n_tiles + tile_y * tiles_x + tile_x
+                tl.store(keys_ptr + target, (tile_bin << rank_bits) | depth_rank, mask=hit)
+            else:
+                tile_bin = (camera * n_tiles + tile_y * tiles_x + tile_x).to(tl.int64)
+                tl.store(keys_ptr + target, (tile_bin << 32) | depth_bits, mask=hit)
             tl.store(ids_ptr + target, row.to(tl.int32), mask=hit)
         count += hit.to(tl.int32)
     if not EMIT:
         tl.store(counts_ptr + row, count, mask=mask)
 
 
-def _launch(means2d, conics, opacities, radii, depths, offsets, counts, keys, ids, settings, emit):
+def _launch(means2d, conics, opacities, radii, depths, offsets, counts, keys, ids, settings, emit, rank_bits=0):
     n_cameras, n = radii.shape
     launch = launch_settings("binning")
     _bin_tiles_kernel[(cdiv(n, launch.block), n_cameras)](
         means2d, conics, opacities, radii, depths, offsets, counts, keys, ids,
         n, n_cameras, settings.width, settings.height, settings.tiles_x, settings.tiles_y, settings.n_tiles,
-        BLOCK=launch.block, TILE_SIZE=settings.tile_size,
-        TILE_RULE=1 if settings.tile_rule == "rectangle" else 0, EMIT=emit, num_warps=launch.num_warps)
+        rank_bits, BLOCK=launch.block, TILE_SIZE=settings.tile_size,
+        TILE_RULE=1 if settings.tile_rule == "rectangle" else 0, EMIT=emit, RANK_KEYS=rank_bits > 0,
+        num_warps=launch.num_warps)
+
+
+def rank_key_bits(n_cameras: int, n_gaussians: int, settings: RenderSettings) -> int:
+    """Bits of the depth-rank field when int32 keys fit (bins above ranks within 31 bits), else 0."""
+    if KEY_LAYOUT != "auto" or n_gaussians == 0:
+        return 0
+    rank_bits = max(1, (n_gaussians - 1).bit_length())
+    bin_bits = max(1, (n_cameras * settings.n_tiles - 1).bit_length())
+    return rank_bits if rank_bits + bin_bits <= 31 else 0
+
+
+def depth_ranks(depths: torch.Tensor) -> torch.Tensor:
+    """Rank of each Gaussian in its camera's stable front-to-back order: [C, N] int32."""
+    order = torch.sort(depths, dim=1, stable=True).indices
+    ranks = torch.empty_like(order, dtype=torch.int32)
+    positions = torch.arange(depths.shape[1], device=depths.device, dtype=torch.int32)
+    ranks.scatter_(1, order, positions.expand_as(ranks).contiguous())
+    return ranks
 
 
 @contiguous_inputs
@@ -144,6 +178,10 @@ def bin_tiles(means2d: torch.Tensor,    # [C, N, 2] float32
               settings: RenderSettings) -> TileBins:
     """Count, prefix-sum (int64) and emit the tile intersections (Triton twin of
     `reference.binning.bin_tiles`).
+
+    Returns:
+        TileBins(keys [M] int64 (or int32 depth-rank keys, see the module docstring), gaussian_ids [M] int32,
+        tiles_per_gaussian [C, N] int32).
 
     Raises:
         ValueError: when the key does not fit the cameras x tiles, or the intersections exceed 2^31 - 1.
@@ -166,10 +204,13 @@ def bin_tiles(means2d: torch.Tensor,    # [C, N, 2] float32
     total = int(inclusive[-1])
     check_intersection_count(total)
     offsets = (inclusive - counts.reshape(-1)).reshape(n_cameras, n)
-    keys = torch.empty(total, dtype=torch.int64, device=device)
+    rank_bits = rank_key_bits(n_cameras, n, settings)
+    keys = torch.empty(total, dtype=torch.int32 if rank_bits else torch.int64, device=device)
     ids = torch.empty(total, dtype=torch.int32, device=device)
     if total:
-        _launch(means2d, conics, opacities, radii, depths, offsets, counts, keys, ids, settings, emit=True)
+        key_source = depth_ranks(depths) if rank_bits else depths
+        _launch(means2d, conics, opacities, radii, key_source, offsets, counts, keys, ids, settings, emit=True,
+                rank_bits=rank_bits)
     return TileBins(keys, ids, counts)
 
 

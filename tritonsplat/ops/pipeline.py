@@ -54,7 +54,9 @@ def render_triton(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, 
     with stage("sorting"):
         sorted_keys, sorted_ids = sorting.sort_by_depth(bins.keys, bins.gaussian_ids)
     with stage("tile_ranges"):
-        ranges = sorting.tile_ranges(sorted_keys, n_cameras * settings.n_tiles)
+        rank_bits = binning.rank_key_bits(n_cameras, inputs.n_gaussians, settings)
+        shift = rank_bits if sorted_keys.dtype == torch.int32 else sorting.DEPTH_BITS
+        ranges = sorting.tile_ranges(sorted_keys, n_cameras * settings.n_tiles, shift)
 
     densify_grad = None
     if densify_channels is not None:
