@@ -40,6 +40,16 @@ def _tile_pixels(tile, camera, width, height, tiles_x, TILE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _tile_setup(tile, camera, ranges_ptr, width, height, tiles_x, n_tiles, TILE_SIZE: tl.constexpr):
+    """The tile's pixels and the [start, end) range of its sorted intersections."""
+    pixel_x, pixel_y, inside, image_index = _tile_pixels(tile, camera, width, height, tiles_x, TILE_SIZE)
+    tile_bin = camera.to(tl.int64) * n_tiles + tile
+    start = tl.load(ranges_ptr + tile_bin * 2, mask=tile < n_tiles, other=0)
+    end = tl.load(ranges_ptr + tile_bin * 2 + 1, mask=tile < n_tiles, other=0)
+    return pixel_x, pixel_y, inside, image_index, start, end
+
+
+@triton.jit
 def _load_batch(ids_ptr, means2d_ptr, conics_ptr, opacities_ptr, depths_ptr, index, valid, camera, n_gaussians):
     """Gaussian data of a batch of intersections [BATCH]."""
     row = tl.load(ids_ptr + index, mask=valid, other=0).to(tl.int64)    # c * N + g (int64 for row * 3)
@@ -87,10 +97,8 @@ def _composite_forward_kernel(
 ):
     tile = tl.program_id(0)
     camera = tl.program_id(1)
-    pixel_x, pixel_y, inside, image_index = _tile_pixels(tile, camera, width, height, tiles_x, TILE_SIZE)
-    tile_bin = camera.to(tl.int64) * n_tiles + tile
-    start = tl.load(ranges_ptr + tile_bin * 2, mask=tile < n_tiles, other=0)
-    end = tl.load(ranges_ptr + tile_bin * 2 + 1, mask=tile < n_tiles, other=0)
+    pixel_x, pixel_y, inside, image_index, start, end = _tile_setup(
+        tile, camera, ranges_ptr, width, height, tiles_x, n_tiles, TILE_SIZE)
     if REGISTER_CHANNELS > 0:
         # D <= 8: a [P, REGISTER_CHANNELS] accumulator in registers, stored once at the end.
         channel = tl.arange(0, REGISTER_CHANNELS)
@@ -204,10 +212,8 @@ def _composite_backward_kernel(
 ):
     tile = tl.program_id(0)
     camera = tl.program_id(1)
-    pixel_x, pixel_y, inside, image_index = _tile_pixels(tile, camera, width, height, tiles_x, TILE_SIZE)
-    tile_bin = camera.to(tl.int64) * n_tiles + tile
-    start = tl.load(ranges_ptr + tile_bin * 2, mask=tile < n_tiles, other=0)
-    end = tl.load(ranges_ptr + tile_bin * 2 + 1, mask=tile < n_tiles, other=0)
+    pixel_x, pixel_y, inside, image_index, start, end = _tile_setup(
+        tile, camera, ranges_ptr, width, height, tiles_x, n_tiles, TILE_SIZE)
     final = tl.load(final_ptr + image_index, mask=inside, other=1.0)
     last = tl.load(last_ptr + image_index, mask=inside, other=-1)
     grad_alpha_image = tl.load(grad_alphas_ptr + image_index, mask=inside, other=0.0)

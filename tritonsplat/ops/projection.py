@@ -77,6 +77,30 @@ def _load_camera(viewmats_ptr, intrinsics_ptr, camera, n_cameras):
 
 
 @triton.jit
+def _load_clamp(clamp_ptr, camera, n_cameras):
+    """Limits (x_low, x_high, y_low, y_high) of x/z and y/z inside the Jacobian for one camera."""
+    ok = camera < n_cameras
+    x_low = tl.load(clamp_ptr + camera * 4 + 0, mask=ok, other=0.0)
+    x_high = tl.load(clamp_ptr + camera * 4 + 1, mask=ok, other=0.0)
+    y_low = tl.load(clamp_ptr + camera * 4 + 2, mask=ok, other=0.0)
+    y_high = tl.load(clamp_ptr + camera * 4 + 3, mask=ok, other=0.0)
+    return x_low, x_high, y_low, y_high
+
+
+@triton.jit
+def _load_quaternion_scale(quats_ptr, scales_ptr, offsets, mask):
+    """Quaternions (w, x, y, z) and scales of a block of Gaussians."""
+    qw = tl.load(quats_ptr + offsets * 4 + 0, mask=mask, other=1.0)
+    qx = tl.load(quats_ptr + offsets * 4 + 1, mask=mask, other=0.0)
+    qy = tl.load(quats_ptr + offsets * 4 + 2, mask=mask, other=0.0)
+    qz = tl.load(quats_ptr + offsets * 4 + 3, mask=mask, other=0.0)
+    sx = tl.load(scales_ptr + offsets * 3 + 0, mask=mask, other=1.0)
+    sy = tl.load(scales_ptr + offsets * 3 + 1, mask=mask, other=1.0)
+    sz = tl.load(scales_ptr + offsets * 3 + 2, mask=mask, other=1.0)
+    return qw, qx, qy, qz, sx, sy, sz
+
+
+@triton.jit
 def _quaternion_rotation(qw, qx, qy, qz):
     """Normalised quaternion, 1/|q| and the 9 entries of its rotation matrix."""
     inverse_norm = 1.0 / tl.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
@@ -94,6 +118,12 @@ def _quaternion_rotation(qw, qx, qy, qz):
     r21 = 2.0 * (y * z + w * x)
     r22 = 1.0 - 2.0 * (x * x + y * y)
     return w, x, y, z, inverse_norm, r00, r01, r02, r10, r11, r12, r20, r21, r22
+
+
+@triton.jit
+def _scale_columns(q00, q01, q02, q10, q11, q12, q20, q21, q22, sx, sy, sz):
+    """M = R_q diag(s): column j of the rotation scaled by s_j (Sigma = M M^T)."""
+    return (q00 * sx, q01 * sy, q02 * sz, q10 * sx, q11 * sy, q12 * sz, q20 * sx, q21 * sy, q22 * sz)
 
 
 @triton.jit
@@ -171,23 +201,10 @@ def _project_block(means_ptr, quats_ptr, scales_ptr, covars_ptr, offsets, mask,
         syz = tl.load(covars_ptr + offsets * 6 + 4, mask=mask, other=0.0)
         szz = tl.load(covars_ptr + offsets * 6 + 5, mask=mask, other=1.0)
     else:
-        qw = tl.load(quats_ptr + offsets * 4 + 0, mask=mask, other=1.0)
-        qx = tl.load(quats_ptr + offsets * 4 + 1, mask=mask, other=0.0)
-        qy = tl.load(quats_ptr + offsets * 4 + 2, mask=mask, other=0.0)
-        qz = tl.load(quats_ptr + offsets * 4 + 3, mask=mask, other=0.0)
-        sx = tl.load(scales_ptr + offsets * 3 + 0, mask=mask, other=1.0)
-        sy = tl.load(scales_ptr + offsets * 3 + 1, mask=mask, other=1.0)
-        sz = tl.load(scales_ptr + offsets * 3 + 2, mask=mask, other=1.0)
+        qw, qx, qy, qz, sx, sy, sz = _load_quaternion_scale(quats_ptr, scales_ptr, offsets, mask)
         _w, _x, _y, _z, _inv, q00, q01, q02, q10, q11, q12, q20, q21, q22 = _quaternion_rotation(qw, qx, qy, qz)
-        m00 = q00 * sx
-        m01 = q01 * sy
-        m02 = q02 * sz
-        m10 = q10 * sx
-        m11 = q11 * sy
-        m12 = q12 * sz
-        m20 = q20 * sx
-        m21 = q21 * sy
-        m22 = q22 * sz
+        m00, m01, m02, m10, m11, m12, m20, m21, m22 = _scale_columns(
+            q00, q01, q02, q10, q11, q12, q20, q21, q22, sx, sy, sz)
         sxx = m00 * m00 + m01 * m01 + m02 * m02
         sxy = m00 * m10 + m01 * m11 + m02 * m12
         sxz = m00 * m20 + m01 * m21 + m02 * m22
@@ -246,10 +263,7 @@ def _projection_forward_kernel(
     mask = offsets < n_gaussians
     r00, r01, r02, r10, r11, r12, r20, r21, r22, t0, t1, t2, fx, fy, cx, cy = _load_camera(
         viewmats_ptr, intrinsics_ptr, camera, n_cameras)
-    x_low = tl.load(clamp_ptr + camera * 4 + 0, mask=camera < n_cameras, other=0.0)
-    x_high = tl.load(clamp_ptr + camera * 4 + 1, mask=camera < n_cameras, other=0.0)
-    y_low = tl.load(clamp_ptr + camera * 4 + 2, mask=camera < n_cameras, other=0.0)
-    y_high = tl.load(clamp_ptr + camera * 4 + 3, mask=camera < n_cameras, other=0.0)
+    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras)
     (mean_x, mean_y, mean_z, px, py, pz, z, in_depth_range, sxx, sxy, sxz, syy, syz, szz,
      x_over_z, y_over_z, clamped_x, clamped_y, j00, j02, j11, j12, w0x, w0y, w0z, w1x, w1y, w1z,
      a, b, c) = _project_block(means_ptr, quats_ptr, scales_ptr, covars_ptr, offsets, mask,
@@ -464,10 +478,7 @@ def _projection_backward_kernel(
     mask = offsets < n_gaussians
     r00, r01, r02, r10, r11, r12, r20, r21, r22, t0, t1, t2, fx, fy, cx, cy = _load_camera(
         viewmats_ptr, intrinsics_ptr, camera, n_cameras)
-    x_low = tl.load(clamp_ptr + camera * 4 + 0, mask=camera < n_cameras, other=0.0)
-    x_high = tl.load(clamp_ptr + camera * 4 + 1, mask=camera < n_cameras, other=0.0)
-    y_low = tl.load(clamp_ptr + camera * 4 + 2, mask=camera < n_cameras, other=0.0)
-    y_high = tl.load(clamp_ptr + camera * 4 + 3, mask=camera < n_cameras, other=0.0)
+    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras)
     (mean_x, mean_y, mean_z, px, py, pz, z, in_depth_range, sxx, sxy, sxz, syy, syz, szz,
      x_over_z, y_over_z, clamped_x, clamped_y, j00, j02, j11, j12, w0x, w0y, w0z, w1x, w1y, w1z,
      a, b, c) = _project_block(means_ptr, quats_ptr, scales_ptr, covars_ptr, offsets, mask,
@@ -588,24 +599,11 @@ def _projection_backward_kernel(
         tl.store(out_grad_quats_ptr + row * 6 + 4, grad_syz, mask=mask)
         tl.store(out_grad_quats_ptr + row * 6 + 5, grad_szz, mask=mask)
     else:
-        qw = tl.load(quats_ptr + offsets * 4 + 0, mask=mask, other=1.0)
-        qx = tl.load(quats_ptr + offsets * 4 + 1, mask=mask, other=0.0)
-        qy = tl.load(quats_ptr + offsets * 4 + 2, mask=mask, other=0.0)
-        qz = tl.load(quats_ptr + offsets * 4 + 3, mask=mask, other=0.0)
-        sx = tl.load(scales_ptr + offsets * 3 + 0, mask=mask, other=1.0)
-        sy = tl.load(scales_ptr + offsets * 3 + 1, mask=mask, other=1.0)
-        sz = tl.load(scales_ptr + offsets * 3 + 2, mask=mask, other=1.0)
+        qw, qx, qy, qz, sx, sy, sz = _load_quaternion_scale(quats_ptr, scales_ptr, offsets, mask)
         w, x, y, zq, inverse_norm, q00, q01, q02, q10, q11, q12, q20, q21, q22 = _quaternion_rotation(
             qw, qx, qy, qz)
-        m00 = q00 * sx
-        m01 = q01 * sy
-        m02 = q02 * sz
-        m10 = q10 * sx
-        m11 = q11 * sy
-        m12 = q12 * sz
-        m20 = q20 * sx
-        m21 = q21 * sy
-        m22 = q22 * sz
+        m00, m01, m02, m10, m11, m12, m20, m21, m22 = _scale_columns(
+            q00, q01, q02, q10, q11, q12, q20, q21, q22, sx, sy, sz)
         # g_M = 2 G M, G symmetric with off-diagonal entries g_S_ij / 2.
         gm00 = 2.0 * grad_sxx * m00 + grad_sxy * m10 + grad_sxz * m20
         gm01 = 2.0 * grad_sxx * m01 + grad_sxy * m11 + grad_sxz * m21
