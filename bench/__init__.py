@@ -1,1 +1,6 @@
-"""Placeholder."""
+"""bench: reproducible speed, memory and resource benchmarks of tritonsplat (`python -m bench --help`).
+
+Modules: cases (scene registry), harness (timing, memory, machine info, JSON), runner (config,
+failures, backends), render / stages / step / compile_report (the benchmarks), targets (the issue's
+targets and the printed tables), baselines (gsplat), plot (PNGs), cli (click). See bench/README.md.
+"""

@@ -4,6 +4,23 @@
 log-uniform world scales chosen so that the mean 3-sigma screen radius is about 4 px at any
 resolution, random rotations, opacity U(0.05, 1), RGB colours U(0, 1), seed 0. One camera at the
 origin looking down +z with fx = fy = 0.8 W and the principal point at the image centre.
+
+`original`: the original renderer's published setting, the `random` scene with 300k Gaussians at
+640x360 (850 fps on an RTX 3090); the grid's sizes and resolutions do not apply to it.
+
+`fitted`: a scene with the large, flat, anisotropic, mostly opaque Gaussians of a fitted scene.
+- `fitted` (default): derived from the `data-tools synth` geometry without fitting: N points on the
+  surfaces of the synthetic scene's objects at t = 0 (half, by area) and on its floor (half), each a
+  Gaussian flattened against the local surface (normal and tangents by PCA of its 16 nearest
+  neighbours), tangential standard deviations sqrt(mean squared distance to the 3 nearest
+  neighbours) times a and 1/a, the axis ratio a^2 log-uniform in [1, 3], normal standard deviation
+  a tenth of that, opacity U(0.8, 1) for 70% and U(0.05, 0.5) for 30%, seen from the synth's first training
+  camera (rescaled to the requested resolution). Neighbours come from an approximate kNN (windows
+  of the Morton order of two shifted grids), exact enough for initial scales and 100x faster than
+  brute force on a CPU. Needs `data_tools`; skipped with the reason when it does not import.
+- `fitted:/path/to/run`: the t = 0 parameters of a tracking run, `tracking.load(path).params(0)`,
+  seen from the run's first camera (or, when the run exposes none, from a camera looking at the
+  Gaussians' centroid); the grid's sizes do not apply.
 """
 
 from __future__ import annotations
@@ -99,14 +116,299 @@ def original_scene(device="cpu", dtype=torch.float32) -> SceneInputs:
     return scene
 
 
-CASES: dict[str, Callable[..., SceneInputs]] = {
-    "random": random_scene,
-    "original": lambda n_gaussians=300_000, width=640, height=360, **kw: original_scene(**kw),
+CaseBuilder = Callable[..., SceneInputs]
+
+
+class CaseUnavailable(RuntimeError):
+    """A registered case that cannot be built on this installation (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A registered benchmark scene.
+
+    Attributes:
+        name: registry name (`--case` value, or its part before ":").
+        build: (n_gaussians, width, height, *, device, argument) -> SceneInputs.
+        description: one line for listings.
+        fixed_n_gaussians: the case's own size (the grid's `--sizes` are ignored), or None.
+        fixed_resolution: the case's own (width, height), or None.
+        takes_argument: whether "name:argument" is accepted (e.g. a path).
+    """
+
+    name: str
+    build: CaseBuilder
+    description: str
+    fixed_n_gaussians: int | None = None
+    fixed_resolution: tuple[int, int] | None = None
+    takes_argument: bool = False
+
+    def __call__(self, n_gaussians: int | None = None, width: int = 640, height: int = 360, *, device="cpu",
+                 argument: str | None = None) -> SceneInputs:
+        return self.build(n_gaussians, width, height, device=device, argument=argument)
+
+
+# ----------------------------------------------------------------------------- fitted-like scene
+FITTED_NEIGHBOURS_FOR_NORMALS = 16
+FITTED_NEIGHBOURS_FOR_SCALES = 3
+FITTED_ANISOTROPY = 3.0        # tangential axis ratio up to 3:1 (log-uniform)
+FITTED_FLATNESS = 0.1          # normal sigma / tangential sigma
+FITTED_OPAQUE_FRACTION = 0.7   # share of near-opaque Gaussians, opacity U(0.8, 1); the rest U(0.05, 0.5)
+MORTON_WINDOW = 24             # neighbours taken on each side in Morton order, per grid
+
+
+def _spread_bits(values: torch.Tensor) -> torch.Tensor:
+    """Insert two zero bits between each of the low 21 bits of int64 `values` (Morton encoding)."""
+    x = values & 0x1FFFFF
+    x = (x | (x << 32)) & 0x1F00000000FFFF
+    x = (x | (x << 16)) & 0x1F0000FF0000FF
+    x = (x | (x << 8)) & 0x100F00F00F00F00F
+    x = (x | (x << 4)) & 0x10C30C30C30C30C3
+    x = (x | (x << 2)) & 0x1249249249249249
+    return x
+
+
+def morton_codes(points: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """int64 [N] Morton (Z-order) codes of [N, 3] points on a 2^21 grid over their bounding box,
+    optionally shifted by `shift` grid extents (a second grid breaks the first one's seams)."""
+    low, high = points.min(0).values, points.max(0).values
+    extent = float((high - low).max().clamp_min(1e-12))
+    cells = ((points - low) / extent * (1 - 1e-6) + shift) % 1.0 * (2**21 - 1)
+    cells = cells.to(torch.int64)
+    return _spread_bits(cells[:, 0]) | (_spread_bits(cells[:, 1]) << 1) | (_spread_bits(cells[:, 2]) << 2)
+
+
+def approximate_knn(points: torch.Tensor, k: int, window: int = MORTON_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate k nearest neighbours (self excluded) of [N, 3] points.
+
+    Candidates are the `window` points on each side of a point in the Morton order of two grids
+    shifted by a third of their extent; the k nearest candidates are returned.
+
+    Returns:
+        indices int64 [N, k], squared distances [N, k] (ascending).
+    """
+    n = points.shape[0]
+    if n <= k:
+        raise ValueError(f"approximate_knn: need more than k={k} points, got {n}")
+    offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)])
+    candidates = []
+    for shift in (0.0, 1.0 / 3.0):
+        order = torch.argsort(morton_codes(points, shift))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n)
+        neighbour_rank = (rank[:, None] + offsets[None]).clamp(0, n - 1)
+        candidates.append(order[neighbour_rank])
+    candidates = torch.sort(torch.cat(candidates, 1), dim=1).values            # [N, 4 window]
+    squared = ((points[candidates] - points[:, None]) ** 2).sum(-1)
+    duplicate = torch.zeros_like(candidates, dtype=torch.bool)
+    duplicate[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
+    invalid = duplicate | (candidates == torch.arange(n)[:, None])
+    squared = squared.masked_fill(invalid, float("inf"))
+    squared, position = torch.topk(squared, k, dim=1, largest=False)
+    return candidates.gather(1, position), squared
+
+
+def rotation_to_quaternion(rotation: torch.Tensor) -> torch.Tensor:
+    """(w, x, y, z) unit quaternions [N, 4] of rotation matrices [N, 3, 3] (Shepperd's method)."""
+    m = rotation
+    trace = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    candidates = torch.stack([
+        torch.stack([1 + trace, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
+        torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
+                     m[:, 0, 2] + m[:, 2, 0]], -1),
+        torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
+                     m[:, 1, 2] + m[:, 2, 1]], -1),
+        torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                     1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
+    ], 1)                                                                         # [N, 4 choices, 4]
+    pivots = torch.stack([trace, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1).argmax(-1)
+    quats = candidates[torch.arange(m.shape[0]), pivots]
+    return quats / quats.norm(dim=-1, keepdim=True)
+
+
+def gaussians_from_points(points: torch.Tensor, colors: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Surface-aligned anisotropic Gaussians on a float64 point cloud (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = points.shape[0]
+    neighbours, squared = approximate_knn(points, FITTED_NEIGHBOURS_FOR_NORMALS)
+    base_sigma = squared[:, :FITTED_NEIGHBOURS_FOR_SCALES].mean(1).sqrt().clamp_min(1e-4)
+    local = points[neighbours] - points[neighbours].mean(1, keepdim=True)
+    covariance = local.transpose(1, 2) @ local / FITTED_NEIGHBOURS_FOR_NORMALS
+    _, vectors = torch.linalg.eigh(covariance)                    # ascending: normal first
+    rotation = torch.stack([vectors[..., 2], vectors[..., 1], vectors[..., 0]], -1)  # columns t1, t2, n
+    flip = torch.linalg.det(rotation) < 0
+    rotation[flip, :, 2] *= -1
+    log_ratio = torch.rand(n, generator=generator, dtype=torch.float64) * math.log(FITTED_ANISOTROPY)
+    anisotropy = torch.exp(log_ratio / 2)                         # t1 / t2 = anisotropy^2
+    scales = torch.stack([base_sigma * anisotropy, base_sigma / anisotropy, FITTED_FLATNESS * base_sigma], -1)
+    opaque = torch.rand(n, generator=generator, dtype=torch.float64) < FITTED_OPAQUE_FRACTION
+    uniform = torch.rand(n, generator=generator, dtype=torch.float64)
+    opacities = torch.where(opaque, 0.8 + 0.2 * uniform, 0.05 + 0.45 * uniform)
+    return {"means": points, "quats": rotation_to_quaternion(rotation), "scales": scales,
+            "opacities": opacities, "colors": colors}
+
+
+def _synth_points(n_gaussians: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 [N, 3] surface points of the synth scene at t = 0 and their RGB colours [N, 3]."""
+    import numpy as np
+
+    from data_tools import synthetic
+
+    rng = np.random.default_rng(seed)
+    parts = synthetic.build_scene(seed)
+    n_objects = n_gaussians // 2
+    areas = np.array([part.area() for part in parts])
+    counts = np.floor(n_objects * areas / areas.sum()).astype(int)
+    counts[0] += n_objects - counts.sum()
+    points, colors = [], []
+    for part, count in zip(parts, counts):
+        rotation, translation = part.pose(0.0)
+        points.append(synthetic.sample_surface(part, int(count), rng) @ rotation.T + translation)
+        colors.append(np.clip(part.colors[rng.integers(0, 2, size=count)] + rng.normal(0, 0.05, (count, 3)), 0, 1))
+    n_floor = n_gaussians - n_objects
+    half = synthetic.FLOOR_HALF
+    floor_x, floor_z = rng.uniform(-half, half, n_floor), rng.uniform(-half, half, n_floor)
+    points.append(np.stack([floor_x, np.zeros(n_floor), floor_z], -1))
+    colors.append(np.clip(0.5 + rng.normal(0, 0.1, (n_floor, 3)), 0, 1))
+    return torch.from_numpy(np.concatenate(points)), torch.from_numpy(np.concatenate(colors))
+
+
+def _synth_camera(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synth scene's first training camera at the requested resolution: viewmats, Ks [1, ...]."""
+    from data_tools import synthetic
+
+    train_cameras, _ = synthetic.make_cameras(synthetic.SynthConfig(width=width, height=height))
+    camera = train_cameras[0]
+    return (torch.from_numpy(camera.w2c.copy())[None], torch.from_numpy(camera.K.copy())[None])
+
+
+def fitted_synth_scene(n_gaussians: int, width: int = 640, height: int = 360, *, seed: int = 0, device="cpu",
+                       dtype=torch.float32) -> SceneInputs:
+    """The default `fitted` case (see the module docstring); needs `data_tools`."""
+    if n_gaussians < 64:
+        raise ValueError(f"fitted: expected at least 64 Gaussians, got {n_gaussians}")
+    points, colors = _synth_points(n_gaussians, seed)
+    gaussians = gaussians_from_points(points, colors, seed=seed)
+    viewmats, Ks = _synth_camera(width, height)
+    tensors = [t.to(device=device, dtype=dtype) for t in (
+        gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"], gaussians["colors"],
+        viewmats, Ks)]
+    return SceneInputs(*tensors, width=width, height=height,
+                       description=f"fitted (synth-derived, not optimised): {n_gaussians} Gaussians, "
+                                   f"{width}x{height}, seed {seed}",
+                       extra={"source": "data_tools.synthetic, seed 0, t = 0"})
+
+
+def _first_present(params, names: tuple[str, ...]):
+    for name in names:
+        if name in params:
+            return name, torch.as_tensor(params[name]).detach().to(torch.float64).cpu()
+    raise ValueError(f"fitted: the tracking run's parameters have none of {names} (keys: {sorted(params)})")
+
+
+def tracking_run_scene(path: str, width: int = 640, height: int = 360, *, device="cpu",
+                       dtype=torch.float32) -> SceneInputs:
+    """`fitted:/path`: t = 0 parameters of a tracking run, activated if stored raw (log scales, logit
+    opacities, unnormalised quaternions), seen from the run's first camera at width x height."""
+    try:
+        import tracking
+
+        run = tracking.load(path)
+        params = run.params(0)
+    except Exception as error:  # the tracking package is being written; report why, whatever it is
+        raise ValueError(f"fitted:{path}: could not read a tracking run ({type(error).__name__}: {error})") from error
+    params = dict(params)
+    _, means = _first_present(params, ("means", "means3D"))
+    _, quats = _first_present(params, ("quats", "rotations", "unnorm_rotations"))
+    scale_name, scales = _first_present(params, ("scales", "log_scales"))
+    opacity_name, opacities = _first_present(params, ("opacities", "logit_opacities"))
+    _, colors = _first_present(params, ("colors", "rgb", "rgb_colors", "colours"))
+    if scale_name == "log_scales" or bool((scales <= 0).any()):
+        scales = scales.exp()
+    opacities = opacities.reshape(-1)
+    if opacity_name == "logit_opacities" or bool(((opacities < 0) | (opacities > 1)).any()):
+        opacities = torch.sigmoid(opacities)
+    quats = quats / quats.norm(dim=-1, keepdim=True)
+    colors = colors.reshape(means.shape[0], -1).clamp(0, 1)
+    viewmats, Ks = _tracking_run_camera(run, means, width, height)
+    tensors = [t.to(device=device, dtype=dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
+    return SceneInputs(*tensors, width=width, height=height,
+                       description=f"fitted: tracking run {path}, t = 0, {means.shape[0]} Gaussians, {width}x{height}",
+                       extra={"source": str(path)})
+
+
+def _tracking_run_camera(run, means: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's first camera with K rescaled to width x height, else a camera looking at the centroid."""
+    cameras = getattr(run, "cameras", None) or getattr(run, "train_cameras", None)
+    if cameras:
+        camera = cameras[0]
+        K = torch.as_tensor(camera.K, dtype=torch.float64).clone()
+        K[0] *= width / camera.width
+        K[1] *= height / camera.height
+        return torch.as_tensor(camera.w2c, dtype=torch.float64)[None].clone(), K[None]
+    centre = means.median(0).values
+    extent = float((means - centre).norm(dim=-1).quantile(0.9))
+    viewmat = torch.eye(4, dtype=torch.float64)
+    viewmat[:3, 3] = -centre + torch.tensor([0.0, 0.0, 2.5 * extent], dtype=torch.float64)
+    _, Ks = pinhole(width, height, dtype=torch.float64)
+    return viewmat[None], Ks
+
+
+# ----------------------------------------------------------------------------- registry
+def _build_random(n_gaussians, width, height, *, device="cpu", argument=None) -> SceneInputs:
+    return random_scene(n_gaussians, width, height, device=device)
+
+
+def _build_original(n_gaussians, width, height, *, device="cpu", argument=None) -> SceneInputs:
+    return original_scene(device=device)
+
+
+def _build_fitted(n_gaussians, width, height, *, device="cpu", argument=None) -> SceneInputs:
+    if argument:
+        return tracking_run_scene(argument, width, height, device=device)
+    try:
+        import data_tools.synthetic  # noqa: F401
+    except Exception as error:
+        raise CaseUnavailable(f"fitted: data_tools does not import ({type(error).__name__}: {error})") from error
+    return fitted_synth_scene(n_gaussians, width, height, device=device)
+
+
+CASES: dict[str, Case] = {
+    "random": Case("random", _build_random, "uniform in the frustum at 2-6 m, mean 3-sigma radius ~4 px, seed 0"),
+    "original": Case("original", _build_original, "the original's setting: random, 300k Gaussians at 640x360",
+                     fixed_n_gaussians=300_000, fixed_resolution=(640, 360)),
+    "fitted": Case("fitted", _build_fitted, "large flat anisotropic Gaussians on the synth scene's surfaces "
+                   "(fitted:/path/to/run for a tracking run)", takes_argument=True),
 }
 
 
-def make_case(name: str, n_gaussians: int, width: int, height: int, *, device="cpu") -> SceneInputs:
-    """Build a registered case; raises ValueError naming the known cases."""
+def parse_case(spec: str) -> tuple[Case, str | None]:
+    """"name" or "name:argument" -> (registered Case, argument or None); ValueError naming the cases."""
+    name, _, argument = spec.partition(":")
     if name not in CASES:
-        raise ValueError(f"case: expected one of {sorted(CASES)}, got {name!r}")
-    return CASES[name](n_gaussians=n_gaussians, width=width, height=height, device=device)
+        raise ValueError(f"case: expected one of {sorted(CASES)} (or fitted:/path/to/run), got {spec!r}")
+    case = CASES[name]
+    if argument and not case.takes_argument:
+        raise ValueError(f"case: {name!r} takes no argument, got {spec!r}")
+    return case, argument or None
+
+
+def make_case(name: str, n_gaussians: int, width: int, height: int, *, device="cpu") -> SceneInputs:
+    """Build a registered case ("name" or "name:argument"); raises ValueError naming the known cases."""
+    case, argument = parse_case(name)
+    return case(n_gaussians, width, height, device=device, argument=argument)
+
+
+def expand_grid(specs, sizes, resolutions) -> list[tuple[str, int | None, int, int]]:
+    """(case spec, n_gaussians or None when the case fixes it, width, height) for every grid point."""
+    points = []
+    for spec in specs:
+        case, argument = parse_case(spec)
+        if case.fixed_n_gaussians is not None and case.fixed_resolution is not None:
+            points.append((spec, case.fixed_n_gaussians, *case.fixed_resolution))
+            continue
+        case_sizes = [None] if argument else list(sizes)
+        for width, height in resolutions:
+            for n_gaussians in case_sizes:
+                points.append((spec, n_gaussians, width, height))
+    return points

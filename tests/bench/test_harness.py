@@ -185,3 +185,15 @@ def test_records_round_trip_through_json(tmp_path):
     assert loaded[1]["skipped"] == "no CUDA" and "skipped" not in loaded[0]
     again = record_from_json(loaded[0])
     assert again.timing.p50_ms == records[0].timing.p50_ms and again.meets_target == records[0].meets_target
+
+
+def test_merge_keeps_records_not_measured_again(tmp_path):
+    first = [_record(n_gaussians=10_000), _record(n_gaussians=50_000)]
+    write_results(tmp_path, "step", first, "cpu", {"run": 1})
+    again = [_record(n_gaussians=50_000, timing=Timing((900.0,)))]
+    path = write_results(tmp_path, "step", again, "cpu", {"run": 2}, merge=True)
+    payload = json.loads(path.read_text())
+    assert [(r["n_gaussians"], r["p50_ms"]) for r in payload["records"]] == [(10_000, 1500.0), (50_000, 900.0)]
+    assert payload["config"] == {"run": 2} and payload["earlier_configs"] == [{"run": 1}]
+    path = write_results(tmp_path, "step", again, "cpu", {"run": 3})
+    assert len(json.loads(path.read_text())["records"]) == 1
