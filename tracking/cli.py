@@ -1,0 +1,252 @@
+"""The ``tritonsplat-track`` command line: fit, eval, export, render, demo.
+
+Thin: each command builds a config, calls the library, writes config.json beside the outputs and
+shows progress. User mistakes print one line and exit with a non-zero code (no traceback):
+
+| exit code | meaning |
+|---|---|
+| 1 | bad input (data, options, files) |
+| 2 | OUT holds a run with another config (use --overwrite or another OUT) / usage error |
+| 3 | a loss became NaN (completed frames are kept) |
+| 4 | the disk is full or not writable (completed frames are kept) |
+| 130 | interrupted (Ctrl-C); completed frames are kept, the same command resumes |
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from .config import PRESETS, TrackingConfig
+from .errors import InjectedFault, TrackingError
+
+DEMO_DATA = "data"  # the demo's generated data lives in OUT/data
+
+
+class _Exit(click.ClickException):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _friendly_errors(fn):
+    """Turn expected failures into one-line messages with exit codes (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from data_tools import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except TrackingError as exc:
+            raise _Exit(str(exc), exc.exit_code) from None
+        except DataError as exc:
+            raise _Exit(str(exc), 1) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: every completed frame is kept; run the same command to resume", err=True)
+            sys.exit(130)
+        except InjectedFault as exc:
+            raise _Exit(str(exc), 75) from None
+        except OSError as exc:
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise _Exit(f"disk full while writing {exc.filename or ''}: completed frames are kept; free space "
+                            "and run the same command to resume", 4) from None
+            if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+                name = exc.filename or ""
+                raise _Exit(f"{name}: {exc.strerror}" if name else str(exc), 1) from None
+            raise
+        except ValueError as exc:
+            raise _Exit(str(exc), 1) from None
+
+    return wrapper
+
+
+def parse_frames(text: str | None) -> slice | None:
+    """'A:B' (half-open, 0-based, either end optional) or 'A' -> slice."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            a = int(parts[0])
+            return slice(a, a + 1)
+        if len(parts) == 2:
+            return slice(*[int(p) if p.strip() else None for p in parts])
+    except ValueError:
+        pass
+    raise click.BadParameter(f"expected A:B (e.g. 0:30), got {text!r}", param_hint="--frames")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Dynamic 3D Gaussians (Luiten et al., 3DV 2024): fit a multi-camera video as persistent Gaussians whose
+    motion is a dense 6-DoF track of the scene; evaluate, export and render it."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+def _build_config(preset: str, steps_scale: float, seed: int | None, backend: str, device: str | None
+                  ) -> TrackingConfig:
+    cfg = TrackingConfig.from_preset(preset)
+    if steps_scale <= 0:
+        raise click.BadParameter("must be positive", param_hint="--steps-scale")
+    cfg = cfg.scaled_steps(steps_scale)
+    overrides = {"backend": backend, "device": device}
+    if seed is not None:
+        overrides["seed"] = seed
+    from dataclasses import replace
+
+    return replace(cfg, **overrides)
+
+
+def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None, init_points=None,
+             overwrite=False):
+    from .fit import fit
+
+    t0 = time.perf_counter()
+    result = fit(data, out, cfg, downscale=downscale, frames=frames, init_points=init_points, overwrite=overwrite,
+                 progress=True, echo=click.echo)
+    click.echo(f"fitted {result.n_frames} frame(s), {result.n_gaussians:,} Gaussians "
+               f"({int(result.fg.sum()):,} foreground) into {out} in {time.perf_counter() - t0:.1f} s")
+    return result
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="original", show_default=True,
+              help="Step counts and schedule: the original code's, or the fast CPU demo's.")
+@click.option("--steps-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every step count (stage lengths, densification schedule) for quick runs.")
+@click.option("--downscale", type=float, default=1.0, show_default=True, help="Divide the image size by F.")
+@click.option("--frames", default=None, help="A:B, half-open 0-based indices into the data's frames.")
+@click.option("--init-points", type=click.Path(path_type=Path), default=None,
+              help="N x 7 .npz (xyz, rgb, seg) used when DATA has no init_pt_cld.npz.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
+@click.option("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the preset's, 0).")
+@click.option("--overwrite", is_flag=True, help="Start afresh: remove the run in OUT (needed when its config differs).")
+@_friendly_errors
+def fit(data, out, preset, steps_scale, downscale, frames, init_points, backend, device, seed, overwrite):
+    """Fit DATA (any data_tools format) into OUT, resuming what OUT already holds."""
+    if downscale <= 0:
+        raise click.BadParameter("must be positive", param_hint="--downscale")
+    cfg = _build_config(preset, steps_scale, seed, backend, device)
+    _run_fit(data, out, cfg, downscale=downscale, frames=parse_frames(frames), init_points=init_points,
+             overwrite=overwrite)
+    click.echo(f"next: tritonsplat-track eval {out}")
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    def fmt(key, unit="", digits=2):
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{v:.{digits}f}{unit}"
+
+    click.echo(f"PSNR {fmt('psnr', ' dB')}, SSIM {fmt('ssim', '', 3)}, LPIPS {fmt('lpips', '', 3)} (test cameras)")
+    if metrics.get("mte_3d") is not None:
+        click.echo(f"3D: MTE {fmt('mte_3d', ' m', 4)} ({fmt('mte_3d_pct', ' % of the extent')}), "
+                   f"delta {fmt('delta_3d', ' %', 1)}, survival {fmt('survival_3d', ' %', 1)}")
+        if metrics.get("mte_3d_pct_highest_influence") is not None:
+            click.echo(f"    (following the highest-influence Gaussian without the 0.5 rule: MTE "
+                       f"{fmt('mte_3d_pct_highest_influence', ' %')} of the extent; "
+                       f"{100 * metrics.get('tracked_fraction_3d', 0):.2f} % of query points reach influence 0.5)")
+        click.echo(f"2D: MTE {fmt('mte_2d', ' px', 2)} (256 x 256), delta {fmt('delta_2d', ' %', 1)}, "
+                   f"survival {fmt('survival_2d', ' %', 1)}")
+    else:
+        click.echo("tracking metrics: n/a (no ground-truth tracks)")
+    click.echo(f"{metrics['n_gaussians']:,} Gaussians, fit {metrics['seconds']:.1f} s, preset {metrics['preset']}")
+    click.echo(f"metrics: {out / 'metrics.json'}; plots: {out / 'plots'}")
+
+
+@main.command("eval")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Dataset (default: the one recorded in OUT).")
+@click.option("--gt-tracks", type=click.Path(path_type=Path), default=None,
+              help="Ground-truth tracks .npz (default: DATA/gt_tracks.npz when present).")
+@click.option("--no-lpips", is_flag=True, help="Skip LPIPS.")
+@_friendly_errors
+def eval_(out, data, gt_tracks, no_lpips):
+    """Evaluate the run in OUT: image and tracking metrics into OUT/metrics.json, plots into OUT/plots."""
+    from .evaluate import evaluate
+
+    _require_run(out)
+    metrics = evaluate(out, data=data, gt_tracks=gt_tracks, lpips=False if no_lpips else None, progress=True)
+    _print_metrics(metrics, out)
+
+
+def _require_run(out: Path) -> None:
+    if not (out / "run.h5").exists():
+        raise TrackingError(f"{out}: no run here (no run.h5); fit one with `tritonsplat-track fit DATA {out}`")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@_friendly_errors
+def export(out):
+    """Write OUT/export/ply/NNNNNN.ply (3DGS layout) per frame and OUT/export/tracks.npz."""
+    from .export import export_run
+
+    _require_run(out)
+    paths = export_run(out, progress=True)
+    click.echo(f"wrote {paths['ply']}/*.ply and {paths['tracks']}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--camera", type=int, default=None, help="Camera id (default: the first test camera).")
+@click.option("--format", "fmt", type=click.Choice(["gif", "mp4", "png"]), default="gif", show_default=True)
+@_friendly_errors
+def render(out, camera, fmt):
+    """Render every frame for one camera: OUT/renders/cam<ID>/NNNNNN.png and a GIF or MP4."""
+    from .export import render_run
+
+    _require_run(out)
+    try:
+        paths = render_run(out, camera, fmt, progress=True)
+    except KeyError as exc:
+        raise TrackingError(str(exc.args[0])) from None
+    except RuntimeError as exc:
+        raise TrackingError(str(exc)) from None
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="demo", show_default=True)
+@click.option("--steps-scale", type=float, default=1.0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
+@click.option("--device", default=None)
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo run in OUT (keeps OUT/data).")
+@_friendly_errors
+def demo(out, preset, steps_scale, backend, device, overwrite):
+    """The README's main job: generate the default synthetic scene (data-tools synth) into OUT/data, fit it
+    into OUT, evaluate (OUT/metrics.json, OUT/plots) and render the first test camera (OUT/renders)."""
+    import data_tools
+
+    from .evaluate import evaluate
+    from .export import render_run
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / DEMO_DATA
+    if not (data / "gt_tracks.npz").exists():
+        click.echo(f"generating the synthetic scene into {data} (data-tools synth) ...")
+        data_tools.make_synthetic_scene(data, progress=True, overwrite=True)
+    else:
+        click.echo(f"using the synthetic scene in {data}")
+    cfg = _build_config(preset, steps_scale, None, backend, device)
+    _run_fit(data, out, cfg, overwrite=overwrite)
+    metrics = evaluate(out, progress=True)
+    paths = render_run(out, None, "gif", progress=True)
+    _print_metrics(metrics, out)
+    click.echo(f"renders: {paths.get('gif', paths['png'])}")
+    click.echo(f"demo done in {time.perf_counter() - t_start:.1f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,139 @@
+"""Gaussian parameters of Dynamic 3D Gaussians, their activations and the optimiser groups.
+
+Parameters (Luiten et al. 2024, original `train.py`), N Gaussians and C training cameras:
+
+| name | shape | activation | init |
+|---|---|---|---|
+| means | [N, 3] | none | point-cloud xyz |
+| rgb | [N, 3] | none (plain colours, no SH) | point-cloud rgb |
+| seg | [N, 3] | none | (s, 0, 1 - s) from the cloud's fg label |
+| quats | [N, 4] | normalise, (w, x, y, z) | identity |
+| logit_opacities | [N, 1] | sigmoid | 0 (opacity 0.5) |
+| log_scales | [N, 3] | exp | log RMS distance to the 3 nearest neighbours, isotropic |
+| cam_m | [C, 3] | exp (per-channel gain) | 0 |
+| cam_c | [C, 3] | none (per-channel offset) | 0 |
+
+A training render of camera c is exp(cam_m[c]) * rgb_render + cam_c[c].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrackingConfig
+from .neighbours import knn
+from .quaternions import quat_normalize
+
+GAUSSIAN_KEYS = ("means", "rgb", "seg", "quats", "logit_opacities", "log_scales")
+CAMERA_KEYS = ("cam_m", "cam_c")
+ALL_KEYS = GAUSSIAN_KEYS + CAMERA_KEYS
+# Keys that change per frame t > 0 (the others are fixed after t = 0).
+DYNAMIC_KEYS = ("means", "quats", "rgb")
+
+MIN_INIT_MEAN_SQ_DISTANCE = 1e-7  # the original's clip of the mean squared neighbour distance
+
+
+def initial_log_scales(xyz: torch.Tensor, n_neighbours: int = 3, max_scale: float | None = None) -> torch.Tensor:
+    """[N, 3] isotropic log scales: log sqrt(mean squared distance to the n nearest neighbours)."""
+    n = xyz.shape[0]
+    k = min(n_neighbours, n - 1)
+    if k < 1:
+        return torch.full((n, 3), math.log(0.01), dtype=xyz.dtype, device=xyz.device)
+    _, d2 = knn(xyz, k)
+    mean_sq = d2.mean(1).clamp_min(MIN_INIT_MEAN_SQ_DISTANCE)
+    log_scale = 0.5 * torch.log(mean_sq)
+    if max_scale is not None:
+        log_scale = log_scale.clamp_max(math.log(max_scale))
+    return log_scale[:, None].repeat(1, 3).to(xyz.dtype)
+
+
+def init_params(points: torch.Tensor, n_cameras: int, *, n_neighbours: int = 3,
+                max_scale: float | None = None) -> dict[str, nn.Parameter]:
+    """Parameters from an initial cloud.
+
+    Args:
+        points: [N, 7] float (x, y, z, r, g, b, seg) with rgb in [0, 1] and seg in {0, 1}.
+        n_cameras: training cameras (rows of cam_m / cam_c).
+        n_neighbours: neighbours of the initial scale estimate.
+        max_scale: optional cap of the initial scale (data units).
+
+    Returns:
+        dict name -> nn.Parameter, the table in the module docstring.
+    """
+    points = points.float()
+    xyz = points[:, :3].contiguous()
+    seg = points[:, 6:7]
+    n = xyz.shape[0]
+    quats = torch.zeros(n, 4, device=xyz.device)
+    quats[:, 0] = 1.0
+    tensors = {
+        "means": xyz,
+        "rgb": points[:, 3:6].contiguous(),
+        "seg": torch.cat([seg, torch.zeros_like(seg), 1 - seg], 1),
+        "quats": quats,
+        "logit_opacities": torch.zeros(n, 1, device=xyz.device),
+        "log_scales": initial_log_scales(xyz, n_neighbours, max_scale),
+        "cam_m": torch.zeros(n_cameras, 3, device=xyz.device),
+        "cam_c": torch.zeros(n_cameras, 3, device=xyz.device),
+    }
+    return {k: nn.Parameter(v) for k, v in tensors.items()}
+
+
+def learning_rates(config: TrackingConfig, scene_radius: float) -> dict[str, float]:
+    """lr per parameter name (means scaled by the scene radius, as in the original)."""
+    lr = config.lr
+    return {
+        "means": lr.means * scene_radius,
+        "rgb": lr.rgb,
+        "seg": lr.seg_colours,
+        "quats": lr.quats,
+        "logit_opacities": lr.opacities,
+        "log_scales": lr.scales,
+        "cam_m": lr.cam_colour,
+        "cam_c": lr.cam_colour,
+    }
+
+
+def make_optimizer(params: dict[str, nn.Parameter], lrs: dict[str, float], config: TrackingConfig,
+                   names: tuple[str, ...] | None = None) -> torch.optim.Adam:
+    """Adam with one group per parameter (group["name"] = the key), eps 1e-15, constant lrs.
+
+    Parameters whose lr is 0 (or not in `names`) are left out and get requires_grad False: a
+    zero-lr Adam group changes nothing, so this is the original's freezing at lower cost.
+    """
+    names = tuple(params) if names is None else names
+    groups = []
+    for key, p in params.items():
+        trainable = key in names and lrs[key] > 0
+        p.requires_grad_(trainable)
+        if trainable:
+            groups.append({"params": [p], "lr": lrs[key], "name": key})
+    return torch.optim.Adam(groups, lr=0.0, betas=config.adam_betas, eps=config.adam_eps)
+
+
+def group_of(optimizer: torch.optim.Optimizer, name: str) -> dict | None:
+    """The param group whose "name" is `name`, or None."""
+    for g in optimizer.param_groups:
+        if g.get("name") == name:
+            return g
+    return None
+
+
+def activated(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rasterizer inputs: means [N,3], quats normalised [N,4], scales [N,3], opacities [N],
+    colors [N, 6] = (rgb, seg) rendered in one pass."""
+    return {
+        "means": params["means"],
+        "quats": quat_normalize(params["quats"]),
+        "scales": torch.exp(params["log_scales"]),
+        "opacities": torch.sigmoid(params["logit_opacities"]).squeeze(-1),
+        "colors": torch.cat([params["rgb"], params["seg"]], dim=-1),
+    }
+
+
+def foreground_mask(params: dict[str, torch.Tensor], threshold: float = 0.5) -> torch.Tensor:
+    """bool [N]: seg red channel > threshold (the original's `seg_colors[:, 0] > 0.5`)."""
+    return params["seg"][:, 0].detach() > threshold
