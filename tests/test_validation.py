@@ -109,3 +109,27 @@ def test_triton_missing_is_explained(monkeypatch):
     monkeypatch.setattr(backends, "triton_importable", lambda: False)
     with pytest.raises(ValueError, match="triton package is not installed"):
         backends.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_torch_backend_works_without_triton():
+    """triton is imported lazily: with it blocked, the torch backend renders and 'triton' explains."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, tritonsplat\n"
+        "K = torch.tensor([[[20.0, 0, 8], [0, 20.0, 8], [0, 0, 1]]])\n"
+        "args = (torch.randn(5, 3) + torch.tensor([0, 0, 4.0]), torch.randn(5, 4), torch.rand(5, 3) * 0.1,\n"
+        "        torch.rand(5), torch.rand(5, 3), torch.eye(4)[None], K, 16, 16)\n"
+        "assert tritonsplat.rasterize(*args).backend == 'torch'\n"
+        "try:\n"
+        "    tritonsplat.rasterize(*args, backend='triton')\n"
+        "except ValueError as error:\n"
+        "    assert 'triton package is not installed' in str(error)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    environment = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr

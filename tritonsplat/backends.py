@@ -27,7 +27,10 @@ INTERPRETER_ACTIVE = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @functools.lru_cache(maxsize=1)
 def triton_importable() -> bool:
     """True when the `triton` package is installed (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a blocked or half-installed triton counts as absent
+        return False
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
