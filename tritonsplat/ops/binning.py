@@ -107,7 +107,8 @@ def _bin_tiles_kernel(
             depth_bits = depth_bits.to(tl.int64) & 0xFFFFFFFF
     count = tl.zeros([BLOCK], dtype=tl.int32)
     most = tl.max(candidates, axis=0)
-    for i in range(0, most):
+    i = 0
+    while i < most:  # not range(most): Triton 3.6's interpreter gives a 1-element array, not a scalar
         active = i < candidates
         tile_x = low_x + i % safe_span
         tile_y = low_y + i // safe_span
@@ -136,6 +137,7 @@ def _bin_tiles_kernel(
                 tl.store(keys_ptr + target, (tile_bin << 32) | depth_bits, mask=hit)
             tl.store(ids_ptr + target, row.to(tl.int32), mask=hit)
         count += hit.to(tl.int32)
+        i += 1
     if not EMIT:
         tl.store(counts_ptr + row, count, mask=mask)
 

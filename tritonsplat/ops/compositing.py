@@ -144,12 +144,14 @@ def _composite_forward_kernel(
                 color_sum += tl.where(channel[None, :] == channel_index, contribution[:, None], 0.0)
         else:
             # Any D: one channel at a time, accumulated in the output (each pixel has one program).
-            for channel_index in range(0, n_channels):
+            channel_index = 0
+            while channel_index < n_channels:  # not range(): Triton 3.6's interpreter rejects it
                 color = tl.load(colors_ptr + color_base + gaussian * n_channels + channel_index,
                                 mask=valid, other=0.0)
                 address = out_colors_ptr + image_index * n_channels + channel_index
                 accumulated = tl.load(address, mask=inside, other=0.0)
                 tl.store(address, accumulated + tl.sum(weight * color[:, None], axis=0), mask=inside)
+                channel_index += 1
         n_active = tl.sum(1 - done, axis=0)
         batch_start += BATCH
 
@@ -161,12 +163,14 @@ def _composite_forward_kernel(
         tl.store(out_colors_ptr + image_index[:, None] * n_channels + channel[None, :], color_sum,
                  mask=inside[:, None] & (channel < n_channels)[None, :])
     elif HAS_BACKGROUND:
-        for channel_index in range(0, n_channels):
+        channel_index = 0
+        while channel_index < n_channels:  # not range(): Triton 3.6's interpreter rejects it
             background = tl.load(backgrounds_ptr + camera * n_channels + channel_index, mask=camera >= 0,
                                  other=0.0)
             address = out_colors_ptr + image_index * n_channels + channel_index
             accumulated = tl.load(address, mask=inside, other=0.0)
             tl.store(address, accumulated + transmittance * background, mask=inside)
+            channel_index += 1
     tl.store(out_alphas_ptr + image_index, alpha_sum, mask=inside)
     tl.store(out_depths_ptr + image_index, depth_sum, mask=inside)
     tl.store(out_median_ptr + image_index, median, mask=inside)
@@ -221,12 +225,14 @@ def _composite_backward_kernel(
     background_dot = tl.zeros([TILE_SIZE * TILE_SIZE], dtype=tl.float32)
     background_dot_k = tl.zeros([TILE_SIZE * TILE_SIZE], dtype=tl.float32)
     if HAS_BACKGROUND:
-        for channel in range(0, n_channels):
+        channel = 0
+        while channel < n_channels:  # not range(): Triton 3.6's interpreter rejects it
             background = tl.load(backgrounds_ptr + camera * n_channels + channel, mask=camera >= 0, other=0.0)
             upstream = tl.load(grad_colors_ptr + image_index * n_channels + channel, mask=inside, other=0.0)
             background_dot += background * upstream
             if channel < densify_channels:
                 background_dot_k += background * upstream
+            channel += 1
 
     color_base = camera.to(tl.int64) * color_stride_camera
     current = final                                                        # T after the batch
@@ -248,7 +254,8 @@ def _composite_backward_kernel(
         weight = tl.where(use, alpha * before, 0.0)
         projected = grad_depth_image[None, :] * depth[:, None]             # q_i
         projected_k = tl.zeros([BATCH, TILE_SIZE * TILE_SIZE], dtype=tl.float32)
-        for channel in range(0, n_channels):
+        channel = 0
+        while channel < n_channels:  # not range(): Triton 3.6's interpreter rejects it
             color = tl.load(colors_ptr + color_base + gaussian * n_channels + channel,
                             mask=valid, other=0.0)
             upstream = tl.load(grad_colors_ptr + image_index * n_channels + channel, mask=inside, other=0.0)
@@ -262,6 +269,7 @@ def _composite_backward_kernel(
                 tl.store(rows_ptr + index * row_width + 7 + channel, grad_color, mask=valid)
             else:
                 tl.atomic_add(out_grad_colors_ptr + color_base + color_address, grad_color, mask=valid)
+            channel += 1
         contribution = weight * projected
         behind_i = behind[None, :] + tl.cumsum(contribution, axis=0, reverse=True) - contribution
         grad_alpha = before * projected - (behind_i + final[None, :] * (background_dot - grad_alpha_image)[None, :]
