@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from data_tools.cli import parse_frames  # one 'A:B[:STEP]' parser for both CLIs
+
 from .config import PRESETS, TrackingConfig
 from .errors import InjectedFault, TrackingError
 
@@ -64,22 +66,6 @@ def _friendly_errors(fn):
             raise _Exit(str(exc), 1) from None
 
     return wrapper
-
-
-def parse_frames(text: str | None) -> slice | None:
-    """'A:B' (half-open, 0-based, either end optional) or 'A' -> slice."""
-    if text is None:
-        return None
-    parts = text.split(":")
-    try:
-        if len(parts) == 1:
-            a = int(parts[0])
-            return slice(a, a + 1)
-        if len(parts) == 2:
-            return slice(*[int(p) if p.strip() else None for p in parts])
-    except ValueError:
-        pass
-    raise click.BadParameter(f"expected A:B (e.g. 0:30), got {text!r}", param_hint="--frames")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
