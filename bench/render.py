@@ -23,7 +23,7 @@ from .runner import (
     guarded,
     iterate_scenes,
     render_function,
-    skip_record,
+    scene_skipper,
 )
 
 BENCHMARK = "render"
@@ -59,9 +59,7 @@ def run_render(config: BenchConfig, state: RunState, progress: Callable[[str], N
     records: list[Record] = []
     for spec, scene in iterate_scenes(BENCHMARK, METRIC, config, state, records, progress):
         for backend in config.backends:
-            def skip(reason: str, backend=backend, scene=scene, spec=spec) -> Record:
-                return skip_record(BENCHMARK, METRIC, spec, backend, config, reason, scene.n_gaussians,
-                                   scene.width, scene.height)
+            skip = scene_skipper(BENCHMARK, METRIC, spec, backend, config, scene)
 
             reason = backend_unavailable_reason(backend, config.device)
             if reason is not None:

@@ -133,6 +133,16 @@ def skip_record(benchmark: str, metric: str, case: str, backend: str, config: Be
                   n_gaussians=n_gaussians, width=width, height=height, skipped=reason)
 
 
+def scene_skipper(benchmark: str, metric: str, case: str, backend: str, config: BenchConfig,
+                  scene: SceneInputs) -> Callable[[str], Record]:
+    """reason -> skip record for one (case, backend, scene) point of the grid."""
+    def skip(reason: str) -> Record:
+        return skip_record(benchmark, metric, case, backend, config, reason, scene.n_gaussians, scene.width,
+                           scene.height)
+
+    return skip
+
+
 def iterate_scenes(benchmark: str, metric: str, config: BenchConfig, state: RunState, records: list[Record],
                    progress: Callable[[str], None] = print) -> Iterator[tuple[str, SceneInputs]]:
     """Yield (case spec, scene on the device) over the grid; unbuildable cases become skip records."""

@@ -27,6 +27,7 @@ from .runner import (
     backend_unavailable_reason,
     guarded,
     iterate_scenes,
+    scene_skipper,
     skip_record,
 )
 
@@ -138,9 +139,7 @@ def run_stages(config: BenchConfig, state: RunState, progress: Callable[[str], N
                                        scene.height))
         intersections: dict | None = None
         for backend in backends:
-            def skip(reason: str, backend=backend, scene=scene, spec=spec) -> Record:
-                return skip_record(BENCHMARK, METRIC, spec, backend, config, reason, scene.n_gaussians,
-                                   scene.width, scene.height)
+            skip = scene_skipper(BENCHMARK, METRIC, spec, backend, config, scene)
 
             reason = backend_unavailable_reason(backend, config.device)
             if reason is not None:

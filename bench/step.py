@@ -34,6 +34,7 @@ from .runner import (
     backend_unavailable_reason,
     guarded,
     iterate_scenes,
+    scene_skipper,
     skip_record,
 )
 
@@ -228,9 +229,7 @@ def run_step(config: BenchConfig, state: RunState, foreground_sizes: tuple[int, 
     records: list[Record] = []
     for spec, scene in iterate_scenes(BENCHMARK, "training_step", config, state, records, progress):
         for backend in config.backends:
-            def skip(reason: str, backend=backend, scene=scene, spec=spec) -> Record:
-                return skip_record(BENCHMARK, "training_step", spec, backend, config, reason, scene.n_gaussians,
-                                   scene.width, scene.height)
+            skip = scene_skipper(BENCHMARK, "training_step", spec, backend, config, scene)
 
             reason = backend_unavailable_reason(backend, config.device)
             if reason is not None:
