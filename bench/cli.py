@@ -303,6 +303,37 @@ def plot(source: Path, out: Path | None) -> None:
         click.echo(f"wrote {path}")
 
 
+@cli.command("gpu-check")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Results folder; files go to <out>/<device slug>/.")
+@bench_command
+def gpu_check(out: Path) -> None:
+    """On a CUDA machine, in under 8 minutes: pytest -m gpu, render and step at 300k Gaussians 640x360 for
+    triton and gsplat, intersection statistics; results to <out>/<device slug>/."""
+    from .gpu_check import GpuCheckUnavailable, run_gpu_check
+
+    def options(grid: dict) -> dict:
+        import importlib.util
+        backends = "triton,gsplat" if importlib.util.find_spec("gsplat") is not None else "triton"
+        return dict(out=out, backend=backends, device="cuda", case=grid["case"], sizes=grid["sizes"],
+                    resolutions=grid["resolutions"], warmup=None, repeats=None, keep_going=True, merge=True)
+
+    def render_part(grid: dict) -> list:
+        config, records, _ = _run_render(options(grid))
+        _finish("render", records, config, out, {"gpu_check": True}, merge=True)
+        return records
+
+    def step_part(grid: dict) -> list:
+        config, records, _, sizes = _run_step(options(grid), None)
+        _finish("step", records, config, out, {"gpu_check": True, "foreground": list(sizes)}, merge=True)
+        return records
+
+    try:
+        run_gpu_check(out, render_part, step_part, echo=lambda message: click.echo(message, err=True))
+    except GpuCheckUnavailable as error:
+        raise click.ClickException(str(error)) from error
+
+
 @cli.command("all")
 @common_options
 @click.option("--quick", is_flag=True, help="CPU smoke run of everything in under 2 minutes on 2 cores.")
