@@ -17,11 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-
-from .eval_config import LEGACY_FIELDS
 
 
 @dataclass(frozen=True)
@@ -223,6 +220,10 @@ class TrackingConfig:
 
         Evaluation settings stored by runs fitted before they moved to `tracking.eval_config.EvalConfig`
         (LEGACY_FIELDS) are dropped with a one-line warning; `EvalConfig.for_legacy` reads their values."""
+        import warnings
+
+        from .eval_config import LEGACY_FIELDS
+
         d = dict(d)
         legacy = [k for k in LEGACY_FIELDS if k in d]
         if legacy:
