@@ -1,4 +1,4 @@
-"""The ``tritonsplat-track`` command line: fit, eval, export, render, demo.
+"""The ``tritonsplat-track`` command line: fit, eval, table, export, render, demo.
 
 Thin: each command builds a config, calls the library, writes config.json beside the outputs and
 shows progress. User mistakes print one line and exit with a non-zero code (no traceback):
@@ -132,20 +132,59 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         v = metrics.get(key)
         return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
-    click.echo(f"PSNR {fmt('psnr', ' dB')}, SSIM {fmt('ssim', '', 3)}, LPIPS {fmt('lpips', '', 3)} (test cameras)")
+    ev = metrics.get("eval_config") or {}
+    click.echo(f"PSNR {fmt('psnr', ' dB')} (per channel {fmt('psnr_per_channel', ' dB')}), SSIM {fmt('ssim', '', 3)}, "
+               f"LPIPS alex {fmt('lpips_alex', '', 3)} / vgg {fmt('lpips_vgg', '', 3)} (test cameras, colour "
+               f"correction {ev.get('test_colour_correction', 'none')})")
     if metrics.get("mte_3d") is not None:
+        rule = ("highest influence" if ev.get("readout") == "highest"
+                else f"influence >= {ev.get('influence_threshold', 0.5):g}")
         click.echo(f"3D: MTE {fmt('mte_3d', ' m', 4)} ({fmt('mte_3d_pct', ' % of the extent')}), "
-                   f"delta {fmt('delta_3d', ' %', 1)}, survival {fmt('survival_3d', ' %', 1)}")
+                   f"delta {fmt('delta_3d', ' %', 1)}, survival {fmt('survival_3d', ' %', 1)} (readout: {rule})")
+        click.echo(f"    PointOdyssey: MTE {fmt('mte_3d_pod_cm', ' cm')}, delta {fmt('delta_3d_pod', ' %', 1)}, "
+                   f"survival {fmt('survival_3d_pod', ' %', 1)}")
         if metrics.get("mte_3d_pct_highest_influence") is not None:
-            click.echo(f"    (following the highest-influence Gaussian without the 0.5 rule: MTE "
+            click.echo(f"    (following the highest-influence Gaussian: MTE "
                        f"{fmt('mte_3d_pct_highest_influence', ' %')} of the extent; "
-                       f"{100 * metrics.get('tracked_fraction_3d', 0):.2f} % of query points reach influence 0.5)")
+                       f"{100 * metrics.get('tracked_fraction_3d', 0):.2f} % of query points reach influence "
+                       f"{ev.get('influence_threshold', 0.5):g})")
         click.echo(f"2D: MTE {fmt('mte_2d', ' px', 2)} (256 x 256), delta {fmt('delta_2d', ' %', 1)}, "
-                   f"survival {fmt('survival_2d', ' %', 1)}")
+                   f"survival {fmt('survival_2d', ' %', 1)} ({ev.get('cameras_2d', 'train')} cameras)")
+        click.echo(f"    PointOdyssey: MTE {fmt('mte_2d_pod', ' px')}, delta {fmt('delta_2d_pod', ' %', 1)}, "
+                   f"survival {fmt('survival_2d_pod', ' %', 1)}")
     else:
         click.echo("tracking metrics: n/a (no ground-truth tracks)")
     click.echo(f"{metrics['n_gaussians']:,} Gaussians, fit {metrics['seconds']:.1f} s, preset {metrics['preset']}")
     click.echo(f"metrics: {out / 'metrics.json'}; plots: {out / 'plots'}")
+
+
+def _eval_config(out: Path, readout, influence_threshold, test_colour_correction, lpips_backbones, cameras_2d,
+                 no_lpips):
+    """The run's evaluation defaults with the given options on top."""
+    from .evaluate import default_eval_config
+
+    overrides = {}
+    if readout is not None:
+        overrides["readout"] = readout
+    if influence_threshold is not None:
+        if not 0 < influence_threshold <= 1:
+            raise click.BadParameter(f"must be in (0, 1], got {influence_threshold}",
+                                     param_hint="--influence-threshold")
+        overrides["influence_threshold"] = influence_threshold
+    if test_colour_correction is not None:
+        overrides["test_colour_correction"] = test_colour_correction
+    if lpips_backbones is not None:
+        names = tuple(b.strip() for b in lpips_backbones.split(",") if b.strip())
+        bad = [b for b in names if b not in ("alex", "vgg")]
+        if bad or len(set(names)) != len(names):
+            raise click.BadParameter(f"expected distinct names from alex,vgg (or ''), got {lpips_backbones!r}",
+                                     param_hint="--lpips-backbones")
+        overrides["lpips_backbones"] = names
+    if no_lpips:
+        overrides["lpips_backbones"] = ()
+    if cameras_2d is not None:
+        overrides["cameras_2d"] = cameras_2d
+    return default_eval_config(out, **overrides)
 
 
 @main.command("eval")
@@ -154,15 +193,58 @@ def _print_metrics(metrics: dict, out: Path) -> None:
               help="Dataset (default: the one recorded in OUT).")
 @click.option("--gt-tracks", type=click.Path(path_type=Path), default=None,
               help="Ground-truth tracks .npz (default: DATA/gt_tracks.npz when present).")
-@click.option("--no-lpips", is_flag=True, help="Skip LPIPS.")
+@click.option("--readout", type=click.Choice(["influence", "highest"]), default=None,
+              help="Track readout: follow the highest-influence Gaussian when its influence reaches "
+                   "--influence-threshold, else stay static (influence, the default); or always (highest).")
+@click.option("--influence-threshold", type=float, default=None, help="Threshold of --readout influence (default 0.5).")
+@click.option("--test-colour-correction", type=click.Choice(["none", "mean"]), default=None,
+              help="Colour correction of test cameras (default none; mean: the training cameras' mean).")
+@click.option("--lpips-backbones", default=None, help="Comma-separated LPIPS networks (default alex,vgg; '' none).")
+@click.option("--cameras-2d", type=click.Choice(["train", "test", "all"]), default=None,
+              help="Cameras whose projected tracks count in the 2D metrics (default train).")
+@click.option("--no-lpips", is_flag=True, help="Skip LPIPS (same as --lpips-backbones '').")
+@click.option("--no-plots", is_flag=True, help="Do not draw OUT/plots.")
 @_friendly_errors
-def eval_(out, data, gt_tracks, no_lpips):
-    """Evaluate the run in OUT: image and tracking metrics into OUT/metrics.json, plots into OUT/plots."""
+def eval_(out, data, gt_tracks, readout, influence_threshold, test_colour_correction, lpips_backbones, cameras_2d,
+          no_lpips, no_plots):
+    """Evaluate the run in OUT: image and tracking metrics into OUT/metrics.json, plots into OUT/plots.
+    The fit's files are only read; the settings used are recorded in metrics.json (eval_config)."""
     from .evaluate import evaluate
 
     _require_run(out)
-    metrics = evaluate(out, data=data, gt_tracks=gt_tracks, lpips=False if no_lpips else None, progress=True)
+    cfg = _eval_config(out, readout, influence_threshold, test_colour_correction, lpips_backbones, cameras_2d,
+                       no_lpips)
+    metrics = evaluate(out, data=data, gt_tracks=gt_tracks, eval_config=cfg, progress=True)
+    if not no_plots:
+        _draw(out, metrics)
     _print_metrics(metrics, out)
+
+
+def _draw(out: Path, metrics: dict) -> None:
+    from .plots import write_plots
+    from .result import TrackingResult
+
+    write_plots(TrackingResult(out), metrics)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "prefix", type=click.Path(path_type=Path), default=None,
+              help="Write PREFIX.md and PREFIX.csv (default: print only).")
+@_friendly_errors
+def table(runs, prefix):
+    """Table-1-style comparison of evaluated RUN folders (rows metrics, columns runs) beside the paper's
+    Basketball numbers; each column says the frames, resolution and steps it used."""
+    from .table import build_table, to_markdown, write_table
+
+    for run in runs:
+        _require_run(run)
+    if prefix is not None:
+        md_path, csv_path, md = write_table(runs, prefix)
+        click.echo(md)
+        click.echo(f"wrote {md_path} and {csv_path}")
+    else:
+        click.echo(to_markdown(*build_table(runs)))
 
 
 def _require_run(out: Path) -> None:
@@ -228,6 +310,7 @@ def demo(out, preset, steps_scale, backend, device, overwrite):
     cfg = _build_config(preset, steps_scale, None, backend, device)
     _run_fit(data, out, cfg, overwrite=overwrite)
     metrics = evaluate(out, progress=True)
+    _draw(out, metrics)
     paths = render_run(out, None, "gif", progress=True)
     _print_metrics(metrics, out)
     click.echo(f"renders: {paths.get('gif', paths['png'])}")

@@ -146,12 +146,6 @@ class TrackingConfig:
     pixels count as background, for data whose background colour is known (synthetic scenes)."""
     near: float = 0.2
     """metres of camera z below which Gaussians are culled (the original rasterizer's hard-coded 0.2)."""
-    test_colour_correction: str = "none"
-    """colour correction of test-camera renders in evaluation: "none" or "mean" (of training cameras)."""
-    track_influence: float = 0.5
-    """a query point follows the Gaussian of highest influence if it reaches this (else stays static)."""
-    lpips: bool = True
-    """compute LPIPS (AlexNet) in evaluation when the `lpips` package and its weights are available."""
     device: str | None = None
     """"cuda", "cpu", ... (None: cuda when available). Not part of the result's identity."""
     backend: str = "auto"
@@ -194,8 +188,6 @@ class TrackingConfig:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
         if not self.metres_per_unit > 0:
             raise ValueError(f"metres_per_unit must be positive, got {self.metres_per_unit}")
-        if self.test_colour_correction not in ("none", "mean"):
-            raise ValueError(f"test_colour_correction must be 'none' or 'mean', got {self.test_colour_correction!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
         if self.densify.every < 1:
@@ -224,8 +216,22 @@ class TrackingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrackingConfig:
-        """Inverse of to_dict; unknown keys raise ValueError, missing ones take defaults."""
+        """Inverse of to_dict; unknown keys raise ValueError, missing ones take defaults.
+
+        Evaluation settings stored by runs fitted before they moved to `tracking.eval_config.EvalConfig`
+        (LEGACY_FIELDS) are dropped with a one-line warning; `EvalConfig.for_legacy` reads their values."""
+        import warnings
+
+        from .eval_config import LEGACY_FIELDS
+
         d = dict(d)
+        legacy = [k for k in LEGACY_FIELDS if k in d]
+        if legacy:
+            warnings.warn(f"this run's config holds evaluation settings {', '.join(legacy)}, which moved to "
+                          "EvalConfig: they no longer belong to the fit and become its evaluation defaults",
+                          stacklevel=2)
+            for k in legacy:
+                d.pop(k)
         nested = {"lr": LearningRates, "densify": DensifyConfig, "weights": LossWeights}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known

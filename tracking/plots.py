@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import project
+from .metrics import project
 from .result import TrackingResult
 
 MAX_TRAJECTORIES = 300  # drawn foreground tracks (the original's visualiser shows ~4 %)

@@ -12,6 +12,7 @@ import torch
 import tritonsplat
 
 from .config import TrackingConfig
+from .eval_config import DEFAULT_INFLUENCE_THRESHOLD
 from .quaternions import quat_normalize, quat_to_rotmat
 from .store import RUN_FILE, DataSpec, completed_frames, read_frame, read_run
 
@@ -182,8 +183,8 @@ class TrackingResult:
     # ------------------------------------------------------------------ tracking readout
     def assign(self, points: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian of highest influence at t = 0 for each point [P, 3] (see `assign_points`);
-        threshold defaults to config.track_influence. Returns index [P] (-1: static), influence [P]."""
-        thr = self.config.track_influence if threshold is None else threshold
+        threshold defaults to DEFAULT_INFLUENCE_THRESHOLD. Returns index [P] (-1: static), influence [P]."""
+        thr = DEFAULT_INFLUENCE_THRESHOLD if threshold is None else threshold
         p0 = self._params0
         return assign_points(points, p0["means"], p0["quats"], p0["log_scales"], self.opacities, thr)
 
@@ -211,15 +212,15 @@ class TrackingResult:
 
     # ------------------------------------------------------------------ rendering
     def colour_correction(self, camera, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """(m, c) [3] of a camera: a training camera's own ("auto"/"train"), none for others unless
-        mode == "mean" (the training cameras' mean)."""
+        """(m, c) [3] of a camera: a training camera's own ("auto"/"train"), none for others ("auto",
+        "none") unless mode == "mean" (the training cameras' mean; EvalConfig.test_colour_correction)."""
         cam = self.camera(camera)
         train_ids = [c.id for c in self.train_cameras]
         m_all, c_all = self._params0["cam_m"], self._params0["cam_c"]
         if mode in ("auto", "train") and cam.id in train_ids:
             i = train_ids.index(cam.id)
             return m_all[i], c_all[i]
-        if mode == "mean" or (mode == "auto" and self.config.test_colour_correction == "mean"):
+        if mode == "mean":
             return m_all.mean(0), c_all.mean(0)
         return torch.zeros(3), torch.zeros(3)
 
@@ -243,7 +244,7 @@ class TrackingResult:
                ) -> torch.Tensor:
         """Image [H, W, 3] float32 (CPU, unclamped) of frame t seen by `camera` (a data_tools.Camera
         or camera id). Training cameras get their colour correction; test cameras none by default
-        (config.test_colour_correction)."""
+        (colour_correction="mean" gives them the training cameras' mean)."""
         out = self.render_output(t, camera, device=device, backend=backend)
         m, c = self.colour_correction(camera, colour_correction)
         return (torch.exp(m.to(out.colors.device)) * out.colors[0] + c.to(out.colors.device)).cpu()

@@ -30,7 +30,7 @@ def tiny_config(**overrides) -> TrackingConfig:
         preset="test", steps_first=30, steps_per_frame=8,
         densify=DensifyConfig(start=10, stop=20, every=10, opacity_reset_at=0, prune_big_from=20,
                               final_prune_opacity=0.02),
-        lpips=False, backend="torch", device="cpu")
+        backend="torch", device="cpu")
     return replace(cfg, **overrides)
 
 
