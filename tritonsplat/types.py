@@ -27,7 +27,8 @@ Inputs
     tile_ranges  [C * n_tiles, 2] int32: [start, end) of bin b = c * n_tiles + tile in sorted_ids,
                  tile = ty * tiles_x + tx; (0, 0) for an empty bin
     sorted_ids   [M] int32: flat row c * N + g of each intersection, front to back within a bin
-                 (equal depths by Gaussian index); M < 2^31 is checked by binning
+                 (equal depths by Gaussian index); M < 2^31 is checked by binning. In capacity
+                 mode entries past the valid count are 0 (a valid row) and no range points at them
 Keywords
     outputs      subset of ALL_OUTPUTS; fields not asked for are None and cost nothing
     color_grad_channels  k: only colors[..., :k] receive colour gradients (the others get zeros);
@@ -85,3 +86,98 @@ class RenderOptions:
     color_grad_channels: int | None = None
     deterministic: bool = False
     max_intersections: int | None = None
+
+
+class TileBins(NamedTuple):
+    """What `bin_tiles` returns (both backends): one key per (camera, tile, Gaussian) intersection,
+    in flat Gaussian order c * N + g, then tile order (so a stable sort orders equal depths by index).
+
+    keys: int64 camera | tile << 32 | float32 bits of depth, or (Triton, when it fits) int32
+    camera | tile << rank_bits | depth rank of the Gaussian in its camera (see `ops.binning`).
+    In capacity mode (`max_intersections=N`) keys and ids have N entries of which the first
+    min(n_intersections, N) are valid; the remaining keys hold the dtype's maximum (they sort
+    last, and tile ranges stop at the valid count), the remaining ids are unspecified.
+    """
+
+    keys: torch.Tensor                 # [M] int64 or int32
+    gaussian_ids: torch.Tensor         # [M] int32 flat index c * N + g
+    tiles_per_gaussian: torch.Tensor   # [C, N] int32
+    n_intersections: int | torch.Tensor     # int; capacity mode: 0-d int64 device tensor
+    overflow: torch.Tensor | None = None          # None; capacity mode: 0-d bool, count > capacity
+    # int32 depth-rank keys only (Triton): [C, N] int64, depth_order[c, rank] = Gaussian index g, so
+    # the sort needs no values (the id is recovered from the key); None for int64 depth-bit keys.
+    depth_order: torch.Tensor | None = None
+
+
+class SortedTiles(NamedTuple):
+    """What `sort_intersections` returns (both backends): the compositor's tile lists."""
+
+    keys: torch.Tensor          # [M] sorted keys (dtype of TileBins.keys)
+    gaussian_ids: torch.Tensor  # [M] int32 flat index c * N + g, front to back within a bin
+    tile_ranges: torch.Tensor   # [C * n_tiles, 2] int32 [start, end) of each bin, (0, 0) if empty
+
+
+@dataclass(frozen=True)
+class RasterizeInputs:
+    """Validated, dtype-normalised inputs of `rasterize()` (both backends' pipelines take it).
+
+    colors is [C, N, D] (per-camera view, possibly expanded with stride 0) or, with SH,
+    the coefficients [N, K, 3].
+    """
+
+    means: torch.Tensor        # [N, 3]
+    quats: torch.Tensor        # [N, 4]
+    scales: torch.Tensor       # [N, 3]
+    opacities: torch.Tensor    # [N]
+    colors: torch.Tensor       # [C, N, D] or SH [N, K, 3]
+    viewmats: torch.Tensor     # [C, 4, 4]
+    Ks: torch.Tensor           # [C, 3, 3]
+    backgrounds: torch.Tensor | None  # [C, D]
+    n_cameras: int
+    n_gaussians: int
+    n_channels: int
+    sh_degree: int | None
+
+
+@dataclass(frozen=True)
+class RasterizeOutput:
+    """What `rasterize()` returns. C cameras, N Gaussians, D channels, images H x W.
+
+    Attributes:
+        colors: [C, H, W, D] composited colours (background included).
+        alphas: [C, H, W, 1] 1 - final transmittance.
+        depths: [C, H, W, 1] expected camera z, sum_i(w_i z_i) / alpha, 0 where alpha = 0;
+            differentiable (to the means, and to everything alpha depends on).
+        median_depths: [C, H, W, 1] detached camera z of the Gaussian at which transmittance
+            first falls below 0.5; 0 where it never does.
+            Each of these four is None when it was not in `rasterize(..., outputs=...)`.
+        radii: [C, N] int32 screen-space radius in pixels, 0 for culled Gaussians.
+        means2d: [C, N, 2] pixel coordinates of the projected means. After backward, `.grad` holds
+            the screen-space gradient used for densification (pixel units; the original's NDC
+            threshold 2e-4 corresponds to this times (W/2, H/2)); with absgrad=True also `.absgrad`.
+        n_intersections: tile-Gaussian pairs produced by the backend's binning (the torch backend,
+            which composites Gaussian-pixel pairs, reports the tile pairs of its radius boxes): an
+            int, or with `max_intersections=N` a 0-d int64 tensor on the device (no host read).
+        densify_grad: with densify_channels=k, [C, N, 2] filled by backward with the screen-space
+            gradient from the upstream gradient of colors[..., :k] alone; else None.
+        backend: the backend that ran ("torch" or "triton").
+        overflow: None, or with `max_intersections=N` a 0-d bool tensor on the device, True when
+            the intersections exceeded N (the images then miss the intersections past N: render
+            again with a larger capacity).
+    """
+
+    colors: torch.Tensor | None
+    alphas: torch.Tensor | None
+    depths: torch.Tensor | None
+    median_depths: torch.Tensor | None
+    radii: torch.Tensor
+    means2d: torch.Tensor
+    n_intersections: int | torch.Tensor
+    densify_grad: torch.Tensor | None = None
+    backend: str = "torch"
+    overflow: torch.Tensor | None = None
+
+    @property
+    def visible(self) -> torch.Tensor:
+        """[C, N] bool, radii > 0."""
+        return self.radii > 0
