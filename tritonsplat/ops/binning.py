@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import types
 from ..reference.binning import BINNING_EXTENT_MARGIN, check_key_capacity
 from ..settings import RenderSettings
 from ..types import TileBins
@@ -51,8 +52,8 @@ from ._launch import cdiv, contiguous_inputs, launch_settings
 LEVEL_MARGIN = tl.constexpr(BINNING_EXTENT_MARGIN * BINNING_EXTENT_MARGIN)
 # "auto": int32 depth-rank keys when they fit, else int64 depth bits; "depth_bits": always int64.
 KEY_LAYOUT = "auto"
-# Intersections are indexed with int32 downstream (ids, last contributors).
-MAX_INTERSECTIONS = 2**31 - 1
+# Intersections are indexed with int32 downstream (ids, last contributors); a module name so tests can lower it.
+MAX_INTERSECTIONS = types.MAX_INTERSECTIONS
 # Padding keys of capacity mode: larger than every valid key, so they sort last.
 PAD_KEY = {torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
 
