@@ -132,7 +132,7 @@ def test_intersection_overflow_is_rejected_with_a_clear_error(monkeypatch, devic
 def test_ellipse_binning_is_within_10_percent_of_the_exact_minimum():
     """On the bench `random` scene (torch twin, same algorithm as the kernel), and never drops a tile."""
     from bench.cases import random_scene
-    from tritonsplat.profiling import intersection_report
+    from tritonsplat.statistics import intersection_report
 
     scene = random_scene(20_000)
     report = intersection_report(scene.means, scene.quats, scene.scales, scene.opacities, scene.viewmats,
