@@ -138,3 +138,19 @@ def test_bad_options_raise_value_error_naming_them(keywords, argument):
     with pytest.raises(ValueError) as error:
         tritonsplat.rasterize(*SCENE.args(), backend="torch", **keywords)
     assert str(error.value).startswith(argument), str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_color_grad_channels_freezes_the_other_colours_only(backend):
+    scene = make_scene(n=30, width=24, height=20, seed=3, n_channels=4, dtype=torch.float32)
+    grads = {}
+    for k in (None, 2):
+        leaves = [t.clone().requires_grad_() for t in (scene.means, scene.colors)]
+        out = tritonsplat.rasterize(leaves[0], scene.quats, scene.scales, scene.opacities, leaves[1], scene.viewmats,
+                                    scene.Ks, scene.width, scene.height, backend=backend, color_grad_channels=k)
+        (out.colors * torch.linspace(0.5, 2.0, 4)).sum().backward()
+        grads[k] = (out.colors.detach(), leaves[0].grad, leaves[1].grad)
+    assert torch.equal(grads[2][0], grads[None][0])                  # same images
+    assert torch.equal(grads[2][1], grads[None][1])                  # geometry sees all channels
+    assert torch.equal(grads[2][2][:, :2], grads[None][2][:, :2])
+    assert (grads[2][2][:, 2:] == 0).all() and (grads[None][2][:, 2:] != 0).any()

@@ -135,6 +135,9 @@ def _render_torch_transitional(inputs: RasterizeInputs, settings: RenderSettings
             clamp_limits, settings, covars=covars,
             sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
     colors = projected.colors if inputs.sh_degree is not None else inputs.colors
+    if options.color_grad_channels is not None and options.color_grad_channels < colors.shape[-1]:
+        mask = (torch.arange(colors.shape[-1], device=colors.device) < options.color_grad_channels).to(colors.dtype)
+        colors = colors.detach() + (colors - colors.detach()) * mask     # same values; masked colour gradient
     means2d = projected.means2d
     if means2d.requires_grad:
         means2d.retain_grad()

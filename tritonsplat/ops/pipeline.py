@@ -80,6 +80,7 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
     if options.densify_channels is not None:
         densify_grad = torch.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
     # ---- compositing (the compositor's block) ----
+    colors = first_channels_learn(colors, options.color_grad_channels)
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),
@@ -106,3 +107,13 @@ def _expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
     covered = alphas > 0
     return torch.where(covered, depth_sums / torch.where(covered, alphas, torch.ones_like(alphas)),
                        torch.zeros_like(depth_sums))
+
+
+def first_channels_learn(colors: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """colors, with gradients reaching only colors[..., :channels] (same forward values, exactly:
+    c + (c - c) * mask adds an exact zero); geometry gradients still see every channel."""
+    if channels is None or channels >= colors.shape[-1] or not colors.requires_grad:
+        return colors
+    mask = (torch.arange(colors.shape[-1], device=colors.device) < channels).to(colors.dtype)
+    frozen = colors.detach()
+    return frozen + (colors - frozen) * mask
