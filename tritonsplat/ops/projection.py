@@ -805,14 +805,14 @@ class ProjectionFunction(torch.autograd.Function):
         with backward_stage("projection_backward"):
             means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii = ctx.saved_tensors
 
-            def zeros_if_none(grad, like):
-                return torch.zeros_like(like) if grad is None else grad
+            def zeros_if_none(grad, *shape):   # allocates only when the gradient is absent
+                return torch.zeros(*radii.shape, *shape, device=radii.device) if grad is None else grad
 
-            grad_means2d = zeros_if_none(grad_means2d, radii.unsqueeze(-1).expand(-1, -1, 2).float())
-            grad_conics = zeros_if_none(grad_conics, radii.unsqueeze(-1).expand(-1, -1, 3).float())
-            grad_depths = zeros_if_none(grad_depths, radii.float())
+            grad_means2d = zeros_if_none(grad_means2d, 2)
+            grad_conics = zeros_if_none(grad_conics, 3)
+            grad_depths = zeros_if_none(grad_depths)
             if ctx.sh_degree is not None:
-                grad_colors = zeros_if_none(grad_colors, radii.unsqueeze(-1).expand(-1, -1, 3).float())
+                grad_colors = zeros_if_none(grad_colors, 3)
             grads = project_gaussians_backward(
                 means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii, grad_means2d,
                 grad_conics, grad_depths, grad_colors, ctx.settings, ctx.sh_degree,
