@@ -133,3 +133,30 @@ def test_torch_backend_works_without_triton():
     environment = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
+
+
+VALUE_CASES = ["means-nan", "quats-nan", "scales-inf", "colors-nan", "viewmats-nan", "opacities-range",
+               "scales-negative", "quats-zero", "Ks-negative-focal"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("overrides,argument,expected",
+                         [case for case in BAD_INPUTS if case.id in VALUE_CASES])
+def test_triton_backend_raises_the_same_value_errors(overrides, argument, expected):
+    """The Triton backend checks values on the device and reads the flags with its intersection
+    count: the same first error as the torch backend's checks."""
+    with pytest.raises(ValueError) as error:
+        _call(backend="triton", **overrides)
+    message = str(error.value)
+    assert message.startswith(argument), message
+    assert expected in message, message
+
+
+@pytest.mark.interpreter
+def test_triton_backend_checks_backgrounds_and_reports_the_first_failure():
+    backgrounds = torch.zeros(2, 3)
+    backgrounds[1, 2] = math.nan
+    with pytest.raises(ValueError, match="^backgrounds: expected only finite"):
+        _call(backend="triton", backgrounds=backgrounds)
+    with pytest.raises(ValueError, match="^means: expected only finite"):   # means come first, as in torch
+        _call(backend="triton", means=_nan_at(SCENE.means), opacities=SCENE.opacities + 2)

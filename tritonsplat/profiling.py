@@ -1,4 +1,4 @@
-"""Stage timing hooks and intersection statistics, used by `bench`.
+"""Stage timing hooks, used by `bench` (hooks only: intersection statistics are in `statistics`).
 
 Every stage of both backends runs inside `stage(name)`; it does nothing unless a timer was installed
 with `record(timer)`, so the hooks cost one context-variable lookup per stage in normal use.
@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-
-import torch
 
 _ACTIVE_TIMER: contextvars.ContextVar = contextvars.ContextVar("tritonsplat_stage_timer", default=None)
 
@@ -63,43 +61,3 @@ def backward_stage(name: str):
     if timer is None:
         return contextlib.nullcontext()
     return timer.stage(name)
-
-
-@torch.no_grad()
-def intersection_report(means, quats, scales, opacities, viewmats, Ks, width, height, *,
-                        tile_size: int = 16) -> dict:
-    """Tile intersections of one scene under three rules (torch, any device; chunked).
-
-    - "ellipse": tritonsplat's binning (ellipse at the alpha >= 1/255 level set vs tile pixel centres);
-    - "exact_minimum": tiles holding at least one pixel where the Gaussian's alpha reaches 1/255;
-    - "original_rule": the original renderer's tile rectangle of r = ceil(3 sqrt(lambda_max)).
-
-    Returns:
-        dict with n_gaussians, n_visible, the three counts, per-Gaussian averages and the ratios
-        ellipse / exact_minimum and exact_minimum / original_rule, ellipse / original_rule.
-    """
-    from .reference.binning import bin_tiles, exact_tile_intersections, original_rule_tile_count
-    from .reference.projection import project_gaussians
-    from .settings import RenderSettings, standard_clamp_limits
-
-    settings = RenderSettings(width=width, height=height, tile_size=tile_size)
-    limits = standard_clamp_limits(Ks, width, height)
-    projected = project_gaussians(means, quats, scales, opacities, viewmats, Ks, limits, settings)
-    ellipse = int(bin_tiles(projected.means2d, projected.conics, opacities, projected.radii,
-                            projected.depths, settings).keys.numel())
-    exact = exact_tile_intersections(projected.means2d, projected.conics, opacities, projected.radii, settings)
-    original = original_rule_tile_count(means, quats, scales, viewmats, Ks, settings)
-    n = int(means.shape[0]) * int(viewmats.shape[0])
-    return {
-        "n_gaussians": int(means.shape[0]),
-        "n_visible": int((projected.radii > 0).sum()),
-        "ellipse": ellipse,
-        "exact_minimum": exact,
-        "original_rule": original,
-        "ellipse_per_gaussian": ellipse / max(n, 1),
-        "exact_per_gaussian": exact / max(n, 1),
-        "original_per_gaussian": original / max(n, 1),
-        "ellipse_over_exact": ellipse / max(exact, 1),
-        "exact_over_original": exact / max(original, 1),
-        "ellipse_over_original": ellipse / max(original, 1),
-    }

@@ -1,55 +1,19 @@
-"""The public renderer: `rasterize()` and its output `RasterizeOutput`."""
+"""The public renderer: `rasterize()` and its output `RasterizeOutput` (defined in `types`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Literal
 
 import torch
 
 from . import constants
-from .backends import resolve_backend
-from .profiling import stage
-from .settings import RenderSettings, standard_clamp_limits
-from .validation import validate_rasterize_inputs
+from .backends import render, resolve_backend
+from .settings import RenderSettings
+from .types import ALL_OUTPUTS, OutputName, RasterizeOutput, RenderOptions
+from .validation import check_values, validate_rasterize_inputs, validate_render_options, value_checks
 
-
-@dataclass(frozen=True)
-class RasterizeOutput:
-    """What `rasterize()` returns. C cameras, N Gaussians, D channels, images H x W.
-
-    Attributes:
-        colors: [C, H, W, D] composited colours (background included).
-        alphas: [C, H, W, 1] 1 - final transmittance.
-        depths: [C, H, W, 1] expected camera z, sum_i(w_i z_i) / alpha, 0 where alpha = 0;
-            differentiable (to the means, and to everything alpha depends on).
-        median_depths: [C, H, W, 1] detached camera z of the Gaussian at which transmittance
-            first falls below 0.5; 0 where it never does.
-        radii: [C, N] int32 screen-space radius in pixels, 0 for culled Gaussians.
-        means2d: [C, N, 2] pixel coordinates of the projected means. After backward, `.grad` holds
-            the screen-space gradient used for densification (pixel units; the original's NDC
-            threshold 2e-4 corresponds to this times (W/2, H/2)); with absgrad=True also `.absgrad`.
-        n_intersections: tile-Gaussian pairs produced by the backend's binning (the torch backend,
-            which composites Gaussian-pixel pairs, reports the tile pairs of its radius boxes).
-        densify_grad: with densify_channels=k, [C, N, 2] filled by backward with the screen-space
-            gradient from the upstream gradient of colors[..., :k] alone; else None.
-        backend: the backend that ran ("torch" or "triton").
-    """
-
-    colors: torch.Tensor
-    alphas: torch.Tensor
-    depths: torch.Tensor
-    median_depths: torch.Tensor
-    radii: torch.Tensor
-    means2d: torch.Tensor
-    n_intersections: int
-    densify_grad: torch.Tensor | None = None
-    backend: str = "torch"
-
-    @property
-    def visible(self) -> torch.Tensor:
-        """[C, N] bool, radii > 0."""
-        return self.radii > 0
+__all__ = ["rasterize", "RasterizeOutput", "render_torch"]
 
 
 def rasterize(
@@ -74,6 +38,9 @@ def rasterize(
     densify_channels: int | None = None,
     deterministic: bool = False,
     backend: Literal["auto", "torch", "triton"] = "auto",
+    outputs: tuple[OutputName, ...] = ALL_OUTPUTS,
+    color_grad_channels: int | None = None,
+    max_intersections: int | None = None,
 ) -> RasterizeOutput:
     """Render 3D Gaussians into C pinhole cameras, differentiably.
 
@@ -122,11 +89,25 @@ def rasterize(
             float atomics; slower backward on CUDA).
         backend: "auto" (Triton on CUDA tensors, else torch; overridable by the environment
             variable TRITONSPLAT_BACKEND), "torch" (pure PyTorch, any device) or "triton".
+        outputs: which images to compute, a tuple from "colors", "alphas", "depths",
+            "median_depths" (default all four); the fields not asked for are None in the result
+            (and the Triton compositor skips their work).
+        color_grad_channels: k, so that only colors[..., :k] receive colour gradients (the others
+            get zeros; e.g. segmentation colours that never learn); every other gradient still sees
+            all D channels and stays exact. Default None: all channels.
+        max_intersections: capacity mode (Triton backend): intersection buffers of this many
+            entries and no host read at all (a render can be captured in a CUDA graph);
+            `n_intersections` is then a 0-d int64 tensor on the device and `overflow` a 0-d bool
+            tensor, True when more intersections existed (those past the capacity are dropped:
+            render again with a larger capacity). The value checks (NaN/Inf, ranges), which need a
+            host read, are skipped in this mode; shapes, dtypes and devices are still checked.
 
     Returns:
         RasterizeOutput with colors [C,H,W,D], alphas [C,H,W,1], depths [C,H,W,1],
-        median_depths [C,H,W,1], radii [C,N] int32, means2d [C,N,2], n_intersections (int),
-        densify_grad [C,N,2] or None, backend; and the property visible = radii > 0.
+        median_depths [C,H,W,1] (None where not in `outputs`), radii [C,N] int32, means2d [C,N,2],
+        n_intersections (int, or a 0-d device tensor with max_intersections), densify_grad [C,N,2]
+        or None, backend, overflow (None, or a 0-d bool device tensor with max_intersections); and
+        the property visible = radii > 0.
         fp16/bf16 inputs are computed in float32; float64 inputs in float64 (torch backend) or in
         float32 and returned as float64 (triton backend).
 
@@ -145,65 +126,28 @@ def rasterize(
     inputs = validate_rasterize_inputs(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
         near=near, far=far, backgrounds=backgrounds, alpha_cap=alpha_cap, eps2d=eps2d,
-        tile_size=tile_size, densify_channels=densify_channels)
+        tile_size=tile_size, densify_channels=densify_channels, check_values_now=False)
+    options = validate_render_options(outputs=outputs, absgrad=absgrad, densify_channels=densify_channels,
+                                      color_grad_channels=color_grad_channels, deterministic=deterministic,
+                                      max_intersections=max_intersections, n_channels=inputs.n_channels)
     chosen = resolve_backend(backend, inputs.means.device)
     settings = RenderSettings(width=width, height=height, tile_size=tile_size, near=float(near),
                               far=float(far), eps2d=float(eps2d), alpha_cap=float(alpha_cap))
-    clamp_limits = standard_clamp_limits(inputs.Ks, width, height)
     if chosen == "triton":
-        from .ops.pipeline import render_triton
-        return render_triton(inputs, settings, clamp_limits, absgrad=absgrad,
-                             densify_channels=densify_channels, deterministic=deterministic)
-    return render_torch(inputs, settings, clamp_limits, absgrad=absgrad,
-                        densify_channels=densify_channels, deterministic=deterministic)
+        if max_intersections is None:   # checked on the device, read with the intersection count
+            from .ops.checks import pending_value_checks
+
+            inputs = replace(inputs, pending_checks=pending_value_checks(inputs))
+    else:
+        check_values(value_checks(inputs))
+    return render(chosen, inputs, settings, options)
 
 
-def render_torch(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, *, absgrad: bool,
+def render_torch(inputs, settings: RenderSettings, clamp_limits: torch.Tensor | None, *, absgrad: bool,
                  densify_channels: int | None, deterministic: bool, covars: torch.Tensor | None = None,
                  means2d_hook=None) -> RasterizeOutput:
-    """The torch backend's pipeline: project, box pairs, composite, normalise depth.
-
-    `covars` ([N, 6]) replaces quats/scales and `means2d_hook(means2d) -> means2d` may re-route the
-    screen-space means (both used by tritonsplat.compat).
-    """
-    from .reference.binning import count_box_tiles, pixel_boxes
-    from .reference.compositing import composite
-    from .reference.projection import project_gaussians
-
-    with stage("projection"):
-        projected = project_gaussians(
-            inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
-            clamp_limits, settings, covars=covars,
-            sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
-    colors = projected.colors if inputs.sh_degree is not None else inputs.colors
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
-    with stage("binning"):
-        boxes = pixel_boxes(means2d.detach(), projected.radii, settings)
-        n_intersections = count_box_tiles(boxes, settings)
-    densify_grad = None
-    if densify_channels is not None:
-        densify_grad = torch.zeros_like(means2d, requires_grad=False)
-    with stage("compositing"):
-        rendered = composite(composite_means2d, projected.conics, inputs.opacities, colors, projected.depths,
-                             inputs.backgrounds, boxes, settings, absgrad=absgrad,
-                             densify_channels=densify_channels, densify_grad=densify_grad,
-                             deterministic=deterministic)
-    return RasterizeOutput(
-        colors=rendered.colors, alphas=rendered.alphas,
-        depths=expected_depth(rendered.depth_sums, rendered.alphas),
-        median_depths=rendered.median_depths, radii=projected.radii, means2d=means2d,
-        n_intersections=n_intersections, densify_grad=densify_grad, backend="torch")
-
-
-def expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i z_i / alpha where alpha > 0, else 0 (differentiable in both).
-
-    alpha is either 0 or >= 1/255 (every blended Gaussian has alpha >= 1/255), so the division is
-    well conditioned wherever it is taken.
-    """
-    covered = alphas > 0
-    return torch.where(covered, depth_sums / torch.where(covered, alphas, torch.ones_like(alphas)),
-                       torch.zeros_like(depth_sums))
+    """Transitional forwarder for callers of the former torch pipeline (tritonsplat.compat): use
+    `backends.render("torch", inputs, settings, RenderOptions(...), clamp_limits=..., ...)`."""
+    options = RenderOptions(absgrad=absgrad, densify_channels=densify_channels, deterministic=deterministic)
+    return render("torch", inputs, settings, options, clamp_limits=clamp_limits, covars=covars,
+                  means2d_hook=means2d_hook)

@@ -56,6 +56,9 @@ from typing import Literal, NamedTuple
 
 import torch
 
+# Intersections are indexed with int32 downstream (sorted ids, last blended index).
+MAX_INTERSECTIONS = 2**31 - 1
+
 OutputName = Literal["colors", "alphas", "depths", "median_depths"]
 ALL_OUTPUTS: tuple[OutputName, ...] = ("colors", "alphas", "depths", "median_depths")
 
@@ -117,6 +120,15 @@ class SortedTiles(NamedTuple):
     tile_ranges: torch.Tensor   # [C * n_tiles, 2] int32 [start, end) of each bin, (0, 0) if empty
 
 
+class PendingChecks(NamedTuple):
+    """Value checks computed on the device and not read yet: flags[i] != 0 means check i failed
+    (ValueError f"{name}: {message}" of the first failing one, in order); the Triton pipeline reads the
+    flags in the same transfer as its intersection count."""
+
+    flags: torch.Tensor                       # [k] int32 on the inputs' device
+    messages: tuple[tuple[str, str], ...]     # (argument name, message) of each flag
+
+
 @dataclass(frozen=True)
 class RasterizeInputs:
     """Validated, dtype-normalised inputs of `rasterize()` (both backends' pipelines take it).
@@ -137,6 +149,7 @@ class RasterizeInputs:
     n_gaussians: int
     n_channels: int
     sh_degree: int | None
+    pending_checks: PendingChecks | None = None   # value checks still on the device, or None
 
 
 @dataclass(frozen=True)

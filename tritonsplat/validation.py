@@ -1,17 +1,23 @@
 """Argument checks for the public API, raised once at the boundary.
 
 Every error is a `ValueError` that names the argument, what was expected and what was received.
-Value checks (NaN/Inf, ranges) are batched into one device synchronisation.
+Shape, dtype, device and option checks read no device data. Value checks (NaN/Inf, ranges) are
+device reductions: with the torch backend they come back in one transfer here; with the Triton
+backend they stay on the device (`PendingChecks`) and come back in the same transfer as the
+intersection count, raising the same errors (a ~2 MB-per-100k-Gaussians read, no extra sync).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
 from . import constants
+from .types import ALL_OUTPUTS, MAX_INTERSECTIONS, RasterizeInputs, RenderOptions
+
+__all__ = ["RasterizeInputs", "validate_rasterize_inputs", "validate_render_options", "value_checks",
+           "check_values", "raise_failed_checks", "resolve_pending_checks"]
 
 _ACCEPTED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,32 +76,14 @@ def finite_check(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, st
             "expected only finite values, found NaN or Inf")
 
 
-@dataclass(frozen=True)
-class RasterizeInputs:
-    """Validated, dtype-normalised inputs of `rasterize()`.
-
-    colors is [C, N, D] (per-camera view, possibly expanded with stride 0) or, with SH,
-    the coefficients [N, K, 3].
-    """
-
-    means: torch.Tensor        # [N, 3]
-    quats: torch.Tensor        # [N, 4]
-    scales: torch.Tensor       # [N, 3]
-    opacities: torch.Tensor    # [N]
-    colors: torch.Tensor       # [C, N, D] or SH [N, K, 3]
-    viewmats: torch.Tensor     # [C, 4, 4]
-    Ks: torch.Tensor           # [C, 3, 3]
-    backgrounds: torch.Tensor | None  # [C, D]
-    n_cameras: int
-    n_gaussians: int
-    n_channels: int
-    sh_degree: int | None
-
-
 def validate_rasterize_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *,
                               sh_degree, near, far, backgrounds, alpha_cap, eps2d, tile_size,
-                              densify_channels) -> RasterizeInputs:
-    """Check every argument of `rasterize()` and return them as one compute dtype on one device."""
+                              densify_channels, check_values_now: bool = True) -> RasterizeInputs:
+    """Check every argument of `rasterize()` and return them as one compute dtype on one device.
+
+    check_values_now=False skips the value checks (NaN/Inf, ranges: they need device data); the
+    caller then runs `value_checks` itself, on the host now or pending on the device.
+    """
     means = require_tensor("means", means, "[N, 3]")
     require_shape("means", means, (None, 3), "[N, 3]")
     n = means.shape[0]
@@ -169,31 +157,98 @@ def validate_rasterize_inputs(means, quats, scales, opacities, colors, viewmats,
     dtype = compute_dtype(*tensors.values())
     tensors = {name: t if t.dtype == dtype else t.to(dtype) for name, t in tensors.items()}
 
-    checks = [finite_check(name, t) for name, t in tensors.items()]
-    if n:
-        checks += [
-            ("opacities", ((tensors["opacities"] >= 0) & (tensors["opacities"] <= 1)).all(),
-             "expected values in [0, 1] (activated opacities, e.g. sigmoid of logits)"),
-            ("scales", (tensors["scales"] >= 0).all(),
-             "expected non-negative activated standard deviations (e.g. exp of log-scales); "
-             "found negative values"),
-            ("quats", (tensors["quats"].square().sum(-1) > 0).all(),
-             "expected non-zero quaternions (they are normalised inside), found a zero quaternion"),
-        ]
-    checks += [
-        ("Ks", ((tensors["Ks"][:, 0, 0] > 0) & (tensors["Ks"][:, 1, 1] > 0)).all(),
-         "expected positive focal lengths fx = K[0, 0] and fy = K[1, 1]"),
-    ]
-    check_values(checks)
-
     colors = tensors["colors"]
     if sh_degree is None and colors.dim() == 2:
         colors = colors.unsqueeze(0).expand(c, n, n_channels)
-    return RasterizeInputs(
+    inputs = RasterizeInputs(
         means=tensors["means"], quats=tensors["quats"], scales=tensors["scales"],
         opacities=tensors["opacities"], colors=colors, viewmats=tensors["viewmats"], Ks=tensors["Ks"],
         backgrounds=tensors.get("backgrounds"), n_cameras=c, n_gaussians=n, n_channels=n_channels,
         sh_degree=sh_degree)
+    if check_values_now:
+        check_values(value_checks(inputs))
+    return inputs
+
+
+# The value checks, in the order their errors are reported: (argument, message).
+FINITE_MESSAGE = "expected only finite values, found NaN or Inf"
+CHECKED_TENSORS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks", "backgrounds")
+RANGE_CHECKS = (
+    ("opacities", "expected values in [0, 1] (activated opacities, e.g. sigmoid of logits)"),
+    ("scales", "expected non-negative activated standard deviations (e.g. exp of log-scales); "
+               "found negative values"),
+    ("quats", "expected non-zero quaternions (they are normalised inside), found a zero quaternion"),
+    ("Ks", "expected positive focal lengths fx = K[0, 0] and fy = K[1, 1]"),
+)
+VALUE_CHECK_MESSAGES: tuple[tuple[str, str], ...] = (
+    tuple((name, FINITE_MESSAGE) for name in CHECKED_TENSORS) + RANGE_CHECKS)
+
+
+def checked_colors(inputs: RasterizeInputs) -> torch.Tensor:
+    """The colours as given ([N, D] when `inputs.colors` is their per-camera expansion)."""
+    colors = inputs.colors
+    if inputs.sh_degree is None and colors.dim() == 3 and colors.shape[0] > 1 and colors.stride(0) == 0:
+        return colors[0]
+    return colors
+
+
+def value_checks(inputs: RasterizeInputs) -> list[tuple[str, torch.Tensor, str]]:
+    """The value checks of `inputs` as torch reductions: (argument, 0-d bool that must be True,
+    message), in the order of VALUE_CHECK_MESSAGES (absent backgrounds skipped)."""
+    tensors = {"means": inputs.means, "quats": inputs.quats, "scales": inputs.scales,
+               "opacities": inputs.opacities, "colors": checked_colors(inputs), "viewmats": inputs.viewmats,
+               "Ks": inputs.Ks}
+    if inputs.backgrounds is not None:
+        tensors["backgrounds"] = inputs.backgrounds
+    n = inputs.n_gaussians
+    checks = [finite_check(name, t) for name, t in tensors.items()]
+    opacities, scales, quats, Ks = tensors["opacities"], tensors["scales"], tensors["quats"], tensors["Ks"]
+    flags = {"Ks": (Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)}
+    if n:
+        flags.update({"opacities": (opacities >= 0) & (opacities <= 1), "scales": scales >= 0,
+                      "quats": quats.square().sum(-1) > 0})
+    checks += [(name, flags[name].all(), message) for name, message in RANGE_CHECKS if name in flags]
+    return checks
+
+
+def raise_failed_checks(messages, flags) -> None:
+    """Raise the ValueError of the first failed flag (host values, nonzero = failed), if any."""
+    for (name, message), failed in zip(messages, flags):
+        if failed:
+            raise ValueError(f"{name}: {message}")
+
+
+def resolve_pending_checks(inputs: RasterizeInputs) -> RasterizeInputs:
+    """Read and raise `inputs.pending_checks` now (one transfer); inputs without them."""
+    if inputs.pending_checks is None:
+        return inputs
+    from dataclasses import replace
+
+    raise_failed_checks(inputs.pending_checks.messages, inputs.pending_checks.flags.tolist())
+    return replace(inputs, pending_checks=None)
+
+
+def validate_render_options(*, outputs, absgrad, densify_channels, color_grad_channels, deterministic,
+                            max_intersections, n_channels: int) -> RenderOptions:
+    """Check the non-tensor options of `rasterize()` and return them as a RenderOptions."""
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)) or not outputs or any(
+            name not in ALL_OUTPUTS for name in outputs) or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs: expected a non-empty tuple of distinct names from {ALL_OUTPUTS}, "
+                         f"got {outputs!r}")
+    if color_grad_channels is not None and (
+            isinstance(color_grad_channels, bool) or not isinstance(color_grad_channels, int)
+            or not 1 <= color_grad_channels <= n_channels):
+        raise ValueError(f"color_grad_channels: expected None or an int in 1..D={n_channels}, "
+                         f"got {color_grad_channels!r}")
+    if max_intersections is not None and (
+            isinstance(max_intersections, bool) or not isinstance(max_intersections, int)
+            or not 1 <= max_intersections <= MAX_INTERSECTIONS):
+        raise ValueError(f"max_intersections: expected None or an int in 1..{MAX_INTERSECTIONS} "
+                         f"(the capacity of the intersection buffers), got {max_intersections!r}")
+    ordered = tuple(name for name in ALL_OUTPUTS if name in outputs)
+    return RenderOptions(outputs=ordered, absgrad=absgrad, densify_channels=densify_channels,
+                         color_grad_channels=color_grad_channels, deterministic=deterministic,
+                         max_intersections=max_intersections)
 
 
 def contiguous_inputs(function):

@@ -1,7 +1,13 @@
-"""The Triton backend's pipeline: project -> bin -> sort -> tile ranges -> composite.
+"""The Triton backend's pipeline: project -> bin -> sort (+ tile ranges) -> composite.
 
-Everything runs in float32 (fp16/bf16 inputs are upcast by validation; float64 inputs are computed in
-float32 and the float outputs cast back to float64, so gradients flow back in the input dtype).
+Torch twin: `tritonsplat.reference.pipeline.render_torch` (same signature); both are run through
+`tritonsplat.backends.render`. Everything runs in float32 (fp16/bf16 inputs are upcast by validation;
+float64 inputs are computed in float32 and the float outputs cast back to float64, so gradients flow
+back in the input dtype).
+
+Host work of a warm forward: one host read (the intersection count, which also brings back the
+pending value checks of validation), none with `max_intersections`; the launch counts are asserted
+by tests/test_host_budget.py.
 """
 
 from __future__ import annotations
@@ -9,29 +15,40 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
-from ..rendering import RasterizeOutput, expected_depth
 from ..settings import RenderSettings
+from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
+from ..validation import raise_failed_checks, resolve_pending_checks
 from . import binning, compositing, projection, sorting
 
 
-def render_triton(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, *, absgrad: bool,
-                  densify_channels: int | None, deterministic: bool, covars: torch.Tensor | None = None,
+def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: RenderOptions, *,
+                  clamp_limits: torch.Tensor | None = None, covars: torch.Tensor | None = None,
                   means2d_hook=None) -> RasterizeOutput:
-    """Render validated inputs (`validation.RasterizeInputs`) with the Triton kernels.
+    """Render validated inputs with the Triton kernels.
 
-    `covars` ([N, 6]) replaces quats/scales and `means2d_hook(means2d) -> means2d` may re-route the
-    screen-space means between projection and compositing (both used by tritonsplat.compat).
+    Args:
+        inputs: validated inputs; their `pending_checks` (device flags) are read with the intersection
+            count and raise the same ValueErrors as the torch backend's checks.
+        options: outputs, absgrad, densify_channels, color_grad_channels, deterministic,
+            max_intersections (capacity mode: no host read; n_intersections and overflow on the device).
+        clamp_limits: [C, 4] limits of x/z, y/z inside the EWA Jacobian, or None for the standard
+            ones (`settings.standard_clamp_limits`, computed inside the projection kernel).
+        covars: [N, 6] replaces quats/scales; means2d_hook(means2d) -> means2d may re-route the
+            screen-space means between projection and compositing (both used by tritonsplat.compat).
     """
     if settings.tile_size & (settings.tile_size - 1) or not 4 <= settings.tile_size <= 32:
         raise ValueError(f"tile_size: the triton backend needs a power of two in 4..32, got {settings.tile_size}")
     output_dtype = inputs.means.dtype
+    capacity_mode = options.max_intersections is not None
+    if capacity_mode:
+        inputs = resolve_pending_checks(inputs)     # only when a caller built them: capacity mode reads nothing
 
     def f32(tensor):
         return None if tensor is None else tensor.float()
 
     means, quats, scales, opacities = f32(inputs.means), f32(inputs.quats), f32(inputs.scales), f32(inputs.opacities)
     viewmats, Ks = f32(inputs.viewmats), f32(inputs.Ks)
-    n_cameras = inputs.n_cameras
+    n_cameras, n_gaussians = inputs.n_cameras, inputs.n_gaussians
     sh_coeffs = f32(inputs.colors) if inputs.sh_degree is not None else None
     with stage("projection"):
         projected = projection.project_gaussians(
@@ -49,30 +66,54 @@ def render_triton(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, 
     composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
 
     with stage("binning"):
-        bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), opacities.detach(), projected.radii,
-                                 projected.depths.detach(), settings)
+        pending = inputs.pending_checks
+        bins, flags = binning.bin_tiles_with_checks(
+            means2d.detach(), projected.conics.detach(), opacities.detach(), projected.radii,
+            projected.depths.detach(), settings, max_intersections=options.max_intersections,
+            checks=pending.flags if pending is not None else None)
+        if pending is not None:
+            raise_failed_checks(pending.messages, flags)
     with stage("sorting"):
-        sorted_keys, sorted_ids = sorting.sort_by_depth(bins.keys, bins.gaussian_ids)
-    with stage("tile_ranges"):
-        rank_bits = binning.rank_key_bits(n_cameras, inputs.n_gaussians, settings)
-        shift = rank_bits if sorted_keys.dtype == torch.int32 else sorting.DEPTH_BITS
-        ranges = sorting.tile_ranges(sorted_keys, n_cameras * settings.n_tiles, shift)
+        tiles = sorting.sort_intersections(bins, n_cameras, n_gaussians, settings)
 
     densify_grad = None
-    if densify_channels is not None:
-        densify_grad = torch.zeros(n_cameras, inputs.n_gaussians, 2, device=means.device, dtype=torch.float32)
+    if options.densify_channels is not None:
+        densify_grad = torch.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
+    # ---- compositing (the compositor's block) ----
+    colors = first_channels_learn(colors, options.color_grad_channels)
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),
-            ranges, sorted_ids, settings, absgrad=absgrad, densify_channels=densify_channels,
-            densify_grad=densify_grad, deterministic=deterministic,
-            means2d_for_absgrad=means2d if absgrad else None)
+            tiles.tile_ranges, tiles.gaussian_ids, settings, absgrad=options.absgrad,
+            densify_channels=options.densify_channels, densify_grad=densify_grad,
+            deterministic=options.deterministic, means2d_for_absgrad=means2d if options.absgrad else None)
+    images = {"colors": rendered.colors, "alphas": rendered.alphas,
+              "depths": _expected_depth(rendered.depth_sums, rendered.alphas),
+              "median_depths": rendered.median_depths}
+    # ---- end of the compositor's block ----
 
-    def out(tensor):
-        return tensor if tensor.dtype == output_dtype else tensor.to(output_dtype)
+    def out(name):
+        tensor = images[name] if name in options.outputs else None
+        return tensor if tensor is None or tensor.dtype == output_dtype else tensor.to(output_dtype)
 
     return RasterizeOutput(
-        colors=out(rendered.colors), alphas=out(rendered.alphas),
-        depths=out(expected_depth(rendered.depth_sums, rendered.alphas)),
-        median_depths=out(rendered.median_depths), radii=projected.radii, means2d=means2d,
-        n_intersections=int(sorted_keys.numel()), densify_grad=densify_grad, backend="triton")
+        colors=out("colors"), alphas=out("alphas"), depths=out("depths"), median_depths=out("median_depths"),
+        radii=projected.radii, means2d=means2d, n_intersections=bins.n_intersections, densify_grad=densify_grad,
+        backend="triton", overflow=bins.overflow)
+
+
+def _expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i z_i / alpha where alpha > 0, else 0 (until the compositor normalises it itself)."""
+    covered = alphas > 0
+    return torch.where(covered, depth_sums / torch.where(covered, alphas, torch.ones_like(alphas)),
+                       torch.zeros_like(depth_sums))
+
+
+def first_channels_learn(colors: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """colors, with gradients reaching only colors[..., :channels] (same forward values, exactly:
+    c + (c - c) * mask adds an exact zero); geometry gradients still see every channel."""
+    if channels is None or channels >= colors.shape[-1] or not colors.requires_grad:
+        return colors
+    mask = (torch.arange(colors.shape[-1], device=colors.device) < channels).to(colors.dtype)
+    frozen = colors.detach()
+    return frozen + (colors - frozen) * mask

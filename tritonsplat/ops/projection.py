@@ -54,7 +54,7 @@ RADIUS_INRIA = 1
 
 @triton.jit
 def _load_camera(viewmats_ptr, intrinsics_ptr, camera, n_cameras):
-    """The 12 entries of [R | t] and (fx, fy, cx, cy) of one camera (scalars)."""
+    """The 12 entries of [R | t] and (fx, fy, cx, cy) = K[0, 0], K[1, 1], K[0, 2], K[1, 2] of one camera."""
     ok = camera < n_cameras
     base = viewmats_ptr + camera * 16
     r00 = tl.load(base + 0, mask=ok, other=0.0)
@@ -69,21 +69,32 @@ def _load_camera(viewmats_ptr, intrinsics_ptr, camera, n_cameras):
     r21 = tl.load(base + 9, mask=ok, other=0.0)
     r22 = tl.load(base + 10, mask=ok, other=0.0)
     t2 = tl.load(base + 11, mask=ok, other=0.0)
-    fx = tl.load(intrinsics_ptr + camera * 4 + 0, mask=ok, other=1.0)
-    fy = tl.load(intrinsics_ptr + camera * 4 + 1, mask=ok, other=1.0)
-    cx = tl.load(intrinsics_ptr + camera * 4 + 2, mask=ok, other=0.0)
-    cy = tl.load(intrinsics_ptr + camera * 4 + 3, mask=ok, other=0.0)
+    fx = tl.load(intrinsics_ptr + camera * 9 + 0, mask=ok, other=1.0)
+    fy = tl.load(intrinsics_ptr + camera * 9 + 4, mask=ok, other=1.0)
+    cx = tl.load(intrinsics_ptr + camera * 9 + 2, mask=ok, other=0.0)
+    cy = tl.load(intrinsics_ptr + camera * 9 + 5, mask=ok, other=0.0)
     return r00, r01, r02, r10, r11, r12, r20, r21, r22, t0, t1, t2, fx, fy, cx, cy
 
 
 @triton.jit
-def _load_clamp(clamp_ptr, camera, n_cameras):
-    """Limits (x_low, x_high, y_low, y_high) of x/z and y/z inside the Jacobian for one camera."""
-    ok = camera < n_cameras
-    x_low = tl.load(clamp_ptr + camera * 4 + 0, mask=ok, other=0.0)
-    x_high = tl.load(clamp_ptr + camera * 4 + 1, mask=ok, other=0.0)
-    y_low = tl.load(clamp_ptr + camera * 4 + 2, mask=ok, other=0.0)
-    y_high = tl.load(clamp_ptr + camera * 4 + 3, mask=ok, other=0.0)
+def _load_clamp(clamp_ptr, camera, n_cameras, fx, fy, cx, cy, width, height, margin_x, margin_y,
+                STANDARD_CLAMP: tl.constexpr):
+    """Limits (x_low, x_high, y_low, y_high) of x/z and y/z inside the Jacobian for one camera.
+
+    STANDARD_CLAMP: `settings.standard_clamp_limits` computed here from the intrinsics, in the same
+    float32 operations and order (no launches on the host); else loaded from clamp_ptr [C, 4].
+    """
+    if STANDARD_CLAMP:
+        x_low = -(cx + margin_x) / fx
+        x_high = (width - cx + margin_x) / fx
+        y_low = -(cy + margin_y) / fy
+        y_high = (height - cy + margin_y) / fy
+    else:
+        ok = camera < n_cameras
+        x_low = tl.load(clamp_ptr + camera * 4 + 0, mask=ok, other=0.0)
+        x_high = tl.load(clamp_ptr + camera * 4 + 1, mask=ok, other=0.0)
+        y_low = tl.load(clamp_ptr + camera * 4 + 2, mask=ok, other=0.0)
+        y_high = tl.load(clamp_ptr + camera * 4 + 3, mask=ok, other=0.0)
     return x_low, x_high, y_low, y_high
 
 
@@ -246,16 +257,16 @@ def _projection_forward_kernel(
     opacities_ptr,    # [N] float32
     sh_ptr,           # [N, K, 3] float32; used only with SH_DEGREE >= 0
     viewmats_ptr,     # [C, 4, 4] float32 world-to-camera
-    intrinsics_ptr,   # [C, 4] float32 (fx, fy, cx, cy)
-    clamp_ptr,        # [C, 4] float32 limits of x/z and y/z inside the Jacobian
+    intrinsics_ptr,   # [C, 3, 3] float32 pinhole intrinsics
+    clamp_ptr,        # [C, 4] float32 limits of x/z and y/z inside the Jacobian (unless STANDARD_CLAMP)
     means2d_ptr,      # out [C, N, 2] float32
     conics_ptr,       # out [C, N, 3] float32
     depths_ptr,       # out [C, N] float32
     radii_ptr,        # out [C, N] int32
     colors_ptr,       # out [C, N, 3] float32; written only with SH_DEGREE >= 0
-    n_gaussians, n_cameras, sh_stride, width, height, near, far, eps2d,
+    n_gaussians, n_cameras, sh_stride, width, height, near, far, eps2d, margin_x, margin_y,
     BLOCK: tl.constexpr, COVARIANCE_INPUT: tl.constexpr, SH_DEGREE: tl.constexpr,
-    RADIUS_RULE: tl.constexpr, TILE_SIZE: tl.constexpr,
+    RADIUS_RULE: tl.constexpr, TILE_SIZE: tl.constexpr, STANDARD_CLAMP: tl.constexpr,
 ):
     block = tl.program_id(0)
     camera = tl.program_id(1)
@@ -263,7 +274,8 @@ def _projection_forward_kernel(
     mask = offsets < n_gaussians
     r00, r01, r02, r10, r11, r12, r20, r21, r22, t0, t1, t2, fx, fy, cx, cy = _load_camera(
         viewmats_ptr, intrinsics_ptr, camera, n_cameras)
-    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras)
+    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras, fx, fy, cx, cy, width, height,
+                                               margin_x, margin_y, STANDARD_CLAMP)
     (mean_x, mean_y, mean_z, px, py, pz, z, in_depth_range, sxx, sxy, sxz, syy, syz, szz,
      x_over_z, y_over_z, clamped_x, clamped_y, j00, j02, j11, j12, w0x, w0y, w0z, w1x, w1y, w1z,
      a, b, c) = _project_block(means_ptr, quats_ptr, scales_ptr, covars_ptr, offsets, mask,
@@ -468,9 +480,9 @@ def _projection_backward_kernel(
     out_grad_scales_ptr,    # out [C, N, 3]
     out_grad_sh_ptr,        # out [C, N, K, 3] (SH only)
     out_grad_viewmats_ptr,  # out [C, n_blocks, 12] (VIEWMAT_GRAD only)
-    n_gaussians, n_cameras, sh_stride, near, far, eps2d,
+    n_gaussians, n_cameras, sh_stride, width, height, near, far, eps2d, margin_x, margin_y,
     BLOCK: tl.constexpr, COVARIANCE_INPUT: tl.constexpr, SH_DEGREE: tl.constexpr,
-    VIEWMAT_GRAD: tl.constexpr,
+    VIEWMAT_GRAD: tl.constexpr, STANDARD_CLAMP: tl.constexpr,
 ):
     block = tl.program_id(0)
     camera = tl.program_id(1)
@@ -478,7 +490,8 @@ def _projection_backward_kernel(
     mask = offsets < n_gaussians
     r00, r01, r02, r10, r11, r12, r20, r21, r22, t0, t1, t2, fx, fy, cx, cy = _load_camera(
         viewmats_ptr, intrinsics_ptr, camera, n_cameras)
-    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras)
+    x_low, x_high, y_low, y_high = _load_clamp(clamp_ptr, camera, n_cameras, fx, fy, cx, cy, width, height,
+                                               margin_x, margin_y, STANDARD_CLAMP)
     (mean_x, mean_y, mean_z, px, py, pz, z, in_depth_range, sxx, sxy, sxz, syy, syz, szz,
      x_over_z, y_over_z, clamped_x, clamped_y, j00, j02, j11, j12, w0x, w0y, w0z, w1x, w1y, w1z,
      a, b, c) = _project_block(means_ptr, quats_ptr, scales_ptr, covars_ptr, offsets, mask,
@@ -673,8 +686,14 @@ def _projection_backward_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def _camera_arrays(Ks: torch.Tensor) -> torch.Tensor:
-    return torch.stack([Ks[:, 0, 0], Ks[:, 1, 1], Ks[:, 0, 2], Ks[:, 1, 2]], -1).contiguous()
+def _clamp_arguments(clamp_limits: torch.Tensor | None, settings: RenderSettings, fallback: torch.Tensor):
+    """(clamp pointer, margin_x, margin_y, STANDARD_CLAMP): None means the standard limits, computed
+    in the kernel with the margins of `settings.standard_clamp_limits`."""
+    margin_x = constants.CLAMP_MARGIN * settings.width
+    margin_y = constants.CLAMP_MARGIN * settings.height
+    if clamp_limits is None:
+        return fallback, margin_x, margin_y, True
+    return clamp_limits, margin_x, margin_y, False
 
 
 def _radius_rule(settings: RenderSettings) -> int:
@@ -690,7 +709,7 @@ def project_gaussians_forward(means: torch.Tensor,          # [N, 3] float32
                               sh_coeffs: torch.Tensor | None,  # [N, K, 3] float32 or None
                               viewmats: torch.Tensor,       # [C, 4, 4] float32
                               Ks: torch.Tensor,             # [C, 3, 3] float32
-                              clamp_limits: torch.Tensor,   # [C, 4] float32
+                              clamp_limits: torch.Tensor | None,   # [C, 4] float32, None: standard
                               settings: RenderSettings, sh_degree: int | None):
     """Launch the projection; returns means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N] int32,
     colors [C,N,3] or None."""
@@ -705,15 +724,16 @@ def project_gaussians_forward(means: torch.Tensor,          # [N, 3] float32
         return means2d, conics, depths, radii, colors
     launch = launch_settings("projection")
     grid = (cdiv(n, launch.block), c)
+    clamp, margin_x, margin_y, standard_clamp = _clamp_arguments(clamp_limits, settings, Ks)
     _projection_forward_kernel[grid](
         means, quats, scales, covars if covars is not None else means, opacities,
-        sh_coeffs if sh_coeffs is not None else means, viewmats, _camera_arrays(Ks), clamp_limits,
+        sh_coeffs if sh_coeffs is not None else means, viewmats, Ks, clamp,
         means2d, conics, depths, radii, colors if colors is not None else means2d,
         n, c, sh_coeffs.shape[1] * 3 if sh_coeffs is not None else 0, settings.width, settings.height,
-        settings.near, settings.far, settings.eps2d,
+        settings.near, settings.far, settings.eps2d, margin_x, margin_y,
         BLOCK=launch.block, COVARIANCE_INPUT=covars is not None,
         SH_DEGREE=sh_degree if sh_degree is not None else -1, RADIUS_RULE=_radius_rule(settings),
-        TILE_SIZE=settings.tile_size, num_warps=launch.num_warps)
+        TILE_SIZE=settings.tile_size, STANDARD_CLAMP=standard_clamp, num_warps=launch.num_warps)
     return means2d, conics, depths, radii, colors
 
 
@@ -739,25 +759,30 @@ def project_gaussians_backward(means, quats, scales, covars, sh_coeffs, viewmats
                if sh_degree is not None else None)
     grad_view = torch.empty(c, max(n_blocks, 1), 12, device=device, dtype=torch.float32) if viewmat_grad else None
     if n > 0:
+        clamp, margin_x, margin_y, standard_clamp = _clamp_arguments(clamp_limits, settings, Ks)
         _projection_backward_kernel[(n_blocks, c)](
             means, quats, scales, covars if covariance_input else means,
-            sh_coeffs if sh_coeffs is not None else means, viewmats, _camera_arrays(Ks), clamp_limits, radii,
+            sh_coeffs if sh_coeffs is not None else means, viewmats, Ks, clamp, radii,
             grad_means2d, grad_conics, grad_depths, grad_colors if grad_colors is not None else grad_means2d,
             grad_means, grad_shape, grad_scales, grad_sh if grad_sh is not None else grad_means,
             grad_view if grad_view is not None else grad_means,
-            n, c, sh_coeffs.shape[1] * 3 if sh_coeffs is not None else 0,
-            settings.near, settings.far, settings.eps2d,
+            n, c, sh_coeffs.shape[1] * 3 if sh_coeffs is not None else 0, settings.width, settings.height,
+            settings.near, settings.far, settings.eps2d, margin_x, margin_y,
             BLOCK=launch.block, COVARIANCE_INPUT=covariance_input,
             SH_DEGREE=sh_degree if sh_degree is not None else -1, VIEWMAT_GRAD=viewmat_grad,
-            num_warps=launch.num_warps)
+            STANDARD_CLAMP=standard_clamp, num_warps=launch.num_warps)
     elif grad_view is not None:
         grad_view.zero_()
     grad_viewmats = None
     if grad_view is not None:
         grad_viewmats = torch.zeros(c, 4, 4, device=device, dtype=torch.float32)
         grad_viewmats[:, :3, :] = grad_view.sum(1).reshape(c, 3, 4)
-    return (grad_means.sum(0), grad_shape.sum(0), None if covariance_input else grad_scales.sum(0),
-            grad_sh.sum(0) if grad_sh is not None else None, grad_viewmats)
+
+    def over_cameras(grad):     # one camera: a view, no reduction launch
+        return grad[0] if c == 1 else grad.sum(0)
+
+    return (over_cameras(grad_means), over_cameras(grad_shape), None if covariance_input else over_cameras(grad_scales),
+            over_cameras(grad_sh) if grad_sh is not None else None, grad_viewmats)
 
 
 class ProjectionFunction(torch.autograd.Function):
@@ -780,14 +805,14 @@ class ProjectionFunction(torch.autograd.Function):
         with backward_stage("projection_backward"):
             means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii = ctx.saved_tensors
 
-            def zeros_if_none(grad, like):
-                return torch.zeros_like(like) if grad is None else grad
+            def zeros_if_none(grad, *shape):   # allocates only when the gradient is absent
+                return torch.zeros(*radii.shape, *shape, device=radii.device) if grad is None else grad
 
-            grad_means2d = zeros_if_none(grad_means2d, radii.unsqueeze(-1).expand(-1, -1, 2).float())
-            grad_conics = zeros_if_none(grad_conics, radii.unsqueeze(-1).expand(-1, -1, 3).float())
-            grad_depths = zeros_if_none(grad_depths, radii.float())
+            grad_means2d = zeros_if_none(grad_means2d, 2)
+            grad_conics = zeros_if_none(grad_conics, 3)
+            grad_depths = zeros_if_none(grad_depths)
             if ctx.sh_degree is not None:
-                grad_colors = zeros_if_none(grad_colors, radii.unsqueeze(-1).expand(-1, -1, 3).float())
+                grad_colors = zeros_if_none(grad_colors, 3)
             grads = project_gaussians_backward(
                 means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii, grad_means2d,
                 grad_conics, grad_depths, grad_colors, ctx.settings, ctx.sh_degree,
@@ -801,10 +826,13 @@ class ProjectionFunction(torch.autograd.Function):
 
 def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: torch.Tensor | None,
                       opacities: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-                      clamp_limits: torch.Tensor, settings: RenderSettings, *,
+                      clamp_limits: torch.Tensor | None, settings: RenderSettings, *,
                       covars: torch.Tensor | None = None, sh_coeffs: torch.Tensor | None = None,
                       sh_degree: int | None = None):
     """Triton twin of `tritonsplat.reference.projection.project_gaussians` (float32).
+
+    `clamp_limits` [C, 4], or None for `settings.standard_clamp_limits`, which the kernels then compute
+    from Ks themselves (no host-side launches).
 
     Returns:
         ProjectedGaussians(means2d [C,N,2], conics [C,N,3], depths [C,N], radii [C,N] int32,
@@ -817,6 +845,7 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
         quats = means.new_zeros(n, 4)
         scales = means.new_zeros(n, 3)
     outputs = ProjectionFunction.apply(means, quats, scales, covars, opacities.detach(), sh_coeffs, viewmats,
-                                       Ks.detach(), clamp_limits.detach(), settings, sh_degree)
+                                       Ks.detach(), None if clamp_limits is None else clamp_limits.detach(), settings,
+                                       sh_degree)
     colors = outputs[4] if sh_degree is not None else None
     return ProjectedGaussians(outputs[0], outputs[1], outputs[2], outputs[3], colors)

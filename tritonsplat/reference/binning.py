@@ -250,21 +250,3 @@ def exact_tile_intersections(means2d: torch.Tensor, conics: torch.Tensor, opacit
         keys = flat[hit] * settings.n_tiles + tile[hit]
         total += int(torch.unique(keys).numel())
     return total
-
-
-@torch.no_grad()
-def original_rule_tile_count(means, quats, scales, viewmats, Ks, settings: RenderSettings) -> int:
-    """Tile intersections of the original renderer's rule: the tile rectangle (getRect) of
-    r = ceil(3 sqrt(lambda_max)), lambda_max = mid + sqrt(max(0.1, mid^2 - det)), no opacity cull."""
-    from dataclasses import replace
-
-    from ..settings import standard_clamp_limits
-    from .projection import project_gaussians
-
-    inria = replace(settings, radius_rule="inria", tile_rule="rectangle")
-    opacities = torch.ones(means.shape[0], dtype=means.dtype, device=means.device)
-    projected = project_gaussians(means, quats, scales, opacities, viewmats, Ks,
-                                  standard_clamp_limits(Ks, settings.width, settings.height), inria)
-    rect = inria_tile_rectangles(projected.means2d, projected.radii, inria).to(torch.int64)
-    count = (rect[..., 2] - rect[..., 0]) * (rect[..., 3] - rect[..., 1])
-    return int(torch.where(projected.radii > 0, count, torch.zeros_like(count)).sum())
