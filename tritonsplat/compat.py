@@ -51,8 +51,9 @@ from typing import NamedTuple
 import torch
 
 from . import constants
-from .backends import resolve_backend
+from .backends import render, resolve_backend
 from .settings import RenderSettings
+from .types import RenderOptions
 from .validation import RasterizeInputs, check_values, finite_check, require_tensor
 
 SNAPSHOT_FILE = "snapshot_fw.dump"
@@ -310,15 +311,10 @@ class GaussianRasterizer(torch.nn.Module):
             ndc_scale = torch.tensor([width / 2, height / 2], device=device, dtype=dtype)
             return means2d + ((handle - handle.detach()) * ndc_scale)[None]
 
-        backend = resolve_backend(self.backend, device)
-        if backend == "triton":
-            from .ops.pipeline import render_triton
-            out = render_triton(inputs, settings, limits, absgrad=False, densify_channels=None,
-                                deterministic=False, covars=covars, means2d_hook=route_ndc_gradient)
-        else:
-            from .rendering import render_torch
-            out = render_torch(inputs, settings, limits, absgrad=False, densify_channels=None,
-                               deterministic=False, covars=covars, means2d_hook=route_ndc_gradient)
+        # The original reads only its median depth and the image: the other outputs cost nothing.
+        options = RenderOptions(outputs=("colors", "median_depths"))
+        out = render(resolve_backend(self.backend, device), inputs, settings, options, clamp_limits=limits,
+                     covars=covars, means2d_hook=route_ndc_gradient)
         color = out.colors[0].permute(2, 0, 1)
         median = out.median_depths[0].permute(2, 0, 1)
         depth = torch.where(median > 0, median, torch.full_like(median, constants.INRIA_EMPTY_DEPTH))
