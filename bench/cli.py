@@ -29,6 +29,8 @@ from .step import run_step
 from .targets import apply_targets, format_summary, format_table
 
 DEFAULT_OUT = Path("bench") / "results"
+# `all --quick` smoke runs go here (git-ignored) unless --out is given: never over the committed results.
+QUICK_OUT = DEFAULT_OUT / "quick"
 RESOLUTION_NAMES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 
 # Default grids (issue 8): up to 100k Gaussians at 640x360 on a CPU, 10k..1M at three resolutions on a GPU.
@@ -346,6 +348,8 @@ def all_benchmarks(quick: bool, foreground: str | None, compile_timeout: float |
     """render, stages, step, compile-report and plot in one run (--quick: the CPU smoke run)."""
     started = time.perf_counter()
     if quick:
+        if options["out"] == DEFAULT_OUT:
+            options["out"] = QUICK_OUT
         options["warmup"] = QUICK["warmup"] if options["warmup"] is None else options["warmup"]
         options["repeats"] = QUICK["repeats"] if options["repeats"] is None else options["repeats"]
         foreground = foreground or QUICK["foreground"]

@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -569,10 +570,22 @@ def record_key(record: dict) -> tuple:
                                          "height"))
 
 
+def command_line() -> str:
+    """This process's command line as a shell command: `python -m bench ...` for the bench CLI."""
+    argv = sys.argv or [""]
+    first = Path(argv[0])
+    if first.name == "__main__.py":             # python -m <package> ...
+        return shlex.join(["python", "-m", first.parent.name, *argv[1:]])
+    return shlex.join([first.name or "python", *argv[1:]])
+
+
 def write_results(out_dir: Path | str, benchmark: str, records: Sequence[Record], device: torch.device | str,
-                  config: dict | None = None, merge: bool = False) -> Path:
+                  config: dict | None = None, merge: bool = False, how: str | None = None) -> Path:
     """Write `<out_dir>/<device slug>/<benchmark>.json` ({"schema_version", "benchmark", "created",
-    "config", "machine", "records"}) and return its path.
+    "how", "config", "machine", "records"}) and return its path.
+
+    `how` (default: this process's command line) says how the file and each of its new records were
+    made; every record keeps its own, so merged files say how each part was made.
 
     With `merge`, records of an existing file that this run did not measure again (by `record_key`)
     are kept after the new ones, and the earlier configs are kept under "earlier_configs"; each record
@@ -580,12 +593,14 @@ def write_results(out_dir: Path | str, benchmark: str, records: Sequence[Record]
     """
     machine = machine_info(device)
     created = now_utc()
-    new_records = [{**record.to_json(machine), "created": created} for record in records]
+    how = command_line() if how is None else how
+    new_records = [{**record.to_json(machine), "created": created, "how": how} for record in records]
     path = Path(out_dir) / machine["device_slug"] / f"{benchmark}.json"
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": benchmark,
         "created": created,
+        "how": how,
         "config": config or {},
         "machine": machine,
         "records": new_records,

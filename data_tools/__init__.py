@@ -11,9 +11,10 @@ Public API::
 
 from .cameras import Camera, look_at_w2c, opengl_c2w_to_w2c
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .init_points import build_init_points, write_init_points
-from .loader import detect_format, load
-from .sequence import FORMATS, Sequence
+from .loader import FORMATS, REGISTRY, detect_format, load, load_with
+from .sequence import Sequence
 from .synthetic import SynthConfig, make_synthetic_scene
 from .writer import write_panoptic
 
@@ -21,11 +22,15 @@ __all__ = [
     "FORMATS",
     "Camera",
     "DataError",
+    "DatasetFormat",
+    "LoadOptions",
+    "REGISTRY",
     "Sequence",
     "SynthConfig",
     "build_init_points",
     "detect_format",
     "load",
+    "load_with",
     "look_at_w2c",
     "make_synthetic_scene",
     "opengl_c2w_to_w2c",

@@ -14,6 +14,7 @@ from pathlib import Path
 from ._common import IMAGE_SUFFIXES, read_json, select_and_scale
 from .cameras import Camera, check_intrinsics, opengl_c2w_to_w2c
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
 
 SPLITS = ("train", "test")
@@ -66,16 +67,7 @@ def _split_cameras(path: Path, json_file: Path, first_id: int) -> tuple[list[Cam
     return cams, files
 
 
-def load_blender(
-    path: Path,
-    *,
-    downscale: float = 1,
-    cameras=None,
-    frames=None,
-    background="white",
-    test_every: int | None = 8,
-    cache_size: int = 64,
-) -> Sequence:
+def load_blender(path: Path, options: LoadOptions) -> Sequence:
     # Ids number the cameras of train then test in file order, so they are unique across splits.
     files: dict[int, Path] = {}
     splits: dict[str, list[Camera]] = {}
@@ -93,10 +85,10 @@ def load_blender(
         train, test = splits["train"], splits["test"]
     else:  # a single transforms.json (no split): hold out every test_every-th camera
         cams, files = _split_cameras(path, path / "transforms.json", 0)
-        train, test = split_every(cams, test_every)
-    resolve_frames(frames, 1, path)
-    train, test, native = select_and_scale(train, test, cameras, downscale, path)
-    bg = parse_background(background if background is not None else "white")
+        train, test = split_every(cams, options.test_every)
+    resolve_frames(options.frames, 1, path)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
+    bg = parse_background(options.background if options.background is not None else "white")
     return Sequence(
         path=path,
         format="blender",
@@ -109,5 +101,15 @@ def load_blender(
         file_sizes=native,
         background=bg,
         init_points=None,
-        cache_size=cache_size,
+        cache_size=options.cache_size,
     )
+
+
+FORMAT = DatasetFormat(
+    name="blender",
+    detect=is_blender,
+    detect_file=lambda name: name.startswith("transforms") and name.endswith(".json"),
+    load=load_blender,
+    expects="transforms_*.json (Blender)",
+    default_background="white",
+)

@@ -16,6 +16,7 @@ import numpy as np
 from ._common import select_and_scale
 from .cameras import make_camera
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
 
 # model id -> (name, number of parameters)
@@ -237,16 +238,7 @@ def read_model(model_dir: Path):
     return cams, images, points
 
 
-def load_colmap(
-    path: Path,
-    *,
-    downscale: float = 1,
-    cameras=None,
-    frames=None,
-    background=None,
-    test_every: int | None = 8,
-    cache_size: int = 64,
-) -> Sequence:
+def load_colmap(path: Path, options: LoadOptions) -> Sequence:
     model_dir = find_model_dir(path)
     if model_dir is None:
         raise DataError(path, "no COLMAP model (cameras.bin/.txt) found")
@@ -272,9 +264,9 @@ def load_colmap(
         w2c[:3, :3], w2c[:3, 3] = qvec_to_rotmat(q), tvec
         cams.append(make_camera(i, K, w2c, w, h, images_file, f"image {name}"))
         files[i] = file
-    train, test = split_every(cams, test_every)
-    resolve_frames(frames, 1, path)
-    train, test, native = select_and_scale(train, test, cameras, downscale, path)
+    train, test = split_every(cams, options.test_every)
+    resolve_frames(options.frames, 1, path)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
     init = None
     if points is not None and len(points):
         init = np.concatenate(
@@ -288,7 +280,16 @@ def load_colmap(
         source_frames=[0],
         image_path=lambda t, cam_id: files[cam_id],
         file_sizes=native,
-        background=parse_background(background),
+        background=parse_background(options.background),
         init_points=init,
-        cache_size=cache_size,
+        cache_size=options.cache_size,
     )
+
+
+FORMAT = DatasetFormat(
+    name="colmap",
+    detect=lambda path: find_model_dir(path) is not None,
+    detect_file=lambda name: name in ("cameras.bin", "cameras.txt"),
+    load=load_colmap,
+    expects="sparse/ or cameras.bin/.txt (COLMAP)",
+)

@@ -15,6 +15,7 @@ import numpy as np
 from ._common import list_images, select_and_scale
 from .cameras import Camera, check_intrinsics, check_rigid, rigid_inverse
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
 
 
@@ -31,16 +32,7 @@ def _images_dir(path: Path) -> Path:
     return cands[0]
 
 
-def load_llff(
-    path: Path,
-    *,
-    downscale: float = 1,
-    cameras=None,
-    frames=None,
-    background=None,
-    test_every: int | None = 8,
-    cache_size: int = 64,
-) -> Sequence:
+def load_llff(path: Path, options: LoadOptions) -> Sequence:
     file = path / "poses_bounds.npy"
     try:
         arr = np.load(file)
@@ -70,9 +62,9 @@ def load_llff(
         K = check_intrinsics([[f * scale, 0, w / 2], [0, f * scale, h / 2], [0, 0, 1]], file, f"pose {i} focal")
         cams.append(Camera(i, K, rigid_inverse(c2w), w, h))
         files[i] = img
-    train, test = split_every(cams, test_every)
-    resolve_frames(frames, 1, path)
-    train, test, native = select_and_scale(train, test, cameras, downscale, path)
+    train, test = split_every(cams, options.test_every)
+    resolve_frames(options.frames, 1, path)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
     seq = Sequence(
         path=path,
         format="llff",
@@ -81,8 +73,17 @@ def load_llff(
         source_frames=[0],
         image_path=lambda t, cam_id: files[cam_id],
         file_sizes=native,
-        background=parse_background(background),
-        cache_size=cache_size,
+        background=parse_background(options.background),
+        cache_size=options.cache_size,
     )
     seq.meta = {"bounds": self_bounds.tolist()}
     return seq
+
+
+FORMAT = DatasetFormat(
+    name="llff",
+    detect=is_llff,
+    detect_file=lambda name: name == "poses_bounds.npy",
+    load=load_llff,
+    expects="poses_bounds.npy (LLFF)",
+)

@@ -1,21 +1,30 @@
-"""Format detection and the :func:`load` entry point."""
+"""Format detection and the :func:`load` entry point, both built from the format registry."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
-from .blender import is_blender, load_blender
-from .colmap import find_model_dir, load_colmap
+from . import blender, colmap, llff, middlebury, panoptic
 from .errors import DataError
-from .llff import is_llff, load_llff
-from .middlebury import find_par_file, load_middlebury
-from .panoptic import is_panoptic, load_panoptic
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence
+
+# Every supported format, in detection order: a folder is the first format whose `detect` accepts
+# it. LLFF comes before COLMAP: poses_bounds.npy wins over a (possibly incomplete) sparse/ beside it.
+REGISTRY: tuple[DatasetFormat, ...] = (panoptic.FORMAT, blender.FORMAT, llff.FORMAT, colmap.FORMAT, middlebury.FORMAT)
+FORMATS = tuple(f.name for f in REGISTRY)
+_BY_NAME = {f.name: f for f in REGISTRY}
+
+
+def _expected_contents() -> str:
+    expects = [f.expects for f in REGISTRY]
+    return ", ".join(expects[:-1]) + " or " + expects[-1]
 
 
 def detect_format(path: str | Path) -> str:
-    """One of ``panoptic | blender | middlebury | colmap | llff`` for a dataset folder (or file).
+    """The name of the format (one of :data:`FORMATS`) of a dataset folder (or file).
 
     Raises:
         DataError: when the path does not exist or matches no format.
@@ -24,36 +33,16 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise DataError(path, "no such file or folder")
     if path.is_file():
-        name = path.name
-        if name.endswith("_par.txt"):
-            return "middlebury"
-        if name == "poses_bounds.npy":
-            return "llff"
-        if name in ("train_meta.json", "test_meta.json"):
-            return "panoptic"
-        if name.startswith("transforms") and name.endswith(".json"):
-            return "blender"
-        if name in ("cameras.bin", "cameras.txt"):
-            return "colmap"
+        for fmt in REGISTRY:
+            if fmt.detect_file(path.name):
+                return fmt.name
         raise DataError(path, "unrecognised dataset file")
-    if is_panoptic(path):
-        return "panoptic"
-    if is_blender(path):
-        return "blender"
-    # poses_bounds.npy wins over a (possibly incomplete) sparse/ beside it.
-    if is_llff(path):
-        return "llff"
-    if find_model_dir(path) is not None:
-        return "colmap"
-    if find_par_file(path) is not None:
-        return "middlebury"
+    for fmt in REGISTRY:
+        if fmt.detect(path):
+            return fmt.name
     subsets = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_dataset(p))
     hint = f"; it holds datasets: {', '.join(subsets)}" if subsets else ""
-    raise DataError(
-        path,
-        "not a dataset: expected train_meta.json (Panoptic), transforms_*.json (Blender), poses_bounds.npy "
-        f"(LLFF), sparse/ or cameras.bin/.txt (COLMAP) or *_par.txt (Middlebury){hint}",
-    )
+    raise DataError(path, f"not a dataset: expected {_expected_contents()}{hint}")
 
 
 def _collection_member(path: Path) -> Path | None:
@@ -71,7 +60,7 @@ def _collection_member(path: Path) -> Path | None:
         return None
     warnings.warn(
         f"{path} holds {len(subsets)} datasets ({', '.join(p.name for p in subsets)}); loading {subsets[0].name}",
-        stacklevel=3,
+        stacklevel=4,  # the caller of load()
     )
     return subsets[0]
 
@@ -82,15 +71,6 @@ def _looks_like_dataset(path: Path) -> bool:
         return True
     except DataError:
         return False
-
-
-_LOADERS = {
-    "panoptic": load_panoptic,
-    "blender": load_blender,
-    "middlebury": load_middlebury,
-    "colmap": load_colmap,
-    "llff": load_llff,
-}
 
 
 def load(
@@ -121,19 +101,21 @@ def load(
     Returns:
         a :class:`Sequence`.
     """
+    return load_with(path, LoadOptions(downscale=downscale, cameras=cameras, frames=frames, background=background,
+                                       test_every=test_every, cache_size=cache_size))
+
+
+def load_with(path: str | Path, options: LoadOptions) -> Sequence:
+    """:func:`load` with its options as one :class:`LoadOptions`."""
     path = Path(path)
-    fmt = _collection_member(path)
-    if fmt is not None:
-        return load(fmt, downscale=downscale, cameras=cameras, frames=frames, background=background,
-                    test_every=test_every, cache_size=cache_size)
-    fmt = detect_format(path)
-    if path.is_file() and fmt != "middlebury":
+    member = _collection_member(path)
+    if member is not None:
+        return load_with(member, options)
+    fmt = _BY_NAME[detect_format(path)]
+    if path.is_file() and not fmt.loads_file:
         path = path.parent
-    kwargs = dict(downscale=downscale, cameras=cameras, frames=frames, background=background, cache_size=cache_size)
-    if fmt not in ("panoptic",):
-        kwargs["test_every"] = test_every
-    if fmt == "blender" and background is None:
-        kwargs["background"] = "white"
-    seq = _LOADERS[fmt](path, **kwargs)
+    if options.background is None and fmt.default_background is not None:
+        options = replace(options, background=fmt.default_background)
+    seq = fmt.load(path, options)
     seq.check_files([0])  # cheap (headers only): catches size mismatches before any real work
     return seq

@@ -10,6 +10,7 @@ import numpy as np
 from ._common import select_and_scale
 from .cameras import make_camera
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
 
 
@@ -47,16 +48,7 @@ def parse_par_file(par: Path) -> list[tuple[str, np.ndarray, np.ndarray, np.ndar
     return out
 
 
-def load_middlebury(
-    path: Path,
-    *,
-    downscale: float = 1,
-    cameras=None,
-    frames=None,
-    background=None,
-    test_every: int | None = 8,
-    cache_size: int = 64,
-) -> Sequence:
+def load_middlebury(path: Path, options: LoadOptions) -> Sequence:
     par = find_par_file(path)
     if par is None:
         raise DataError(path, "no *_par.txt file")
@@ -71,9 +63,9 @@ def load_middlebury(
         w2c[:3, :3], w2c[:3, 3] = R, t
         cams.append(make_camera(i, K, w2c, w, h, par, f"image {name}"))
         files[i] = file
-    train, test = split_every(cams, test_every)
-    resolve_frames(frames, 1, par)
-    train, test, native = select_and_scale(train, test, cameras, downscale, par)
+    train, test = split_every(cams, options.test_every)
+    resolve_frames(options.frames, 1, par)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, par)
     return Sequence(
         path=path,
         format="middlebury",
@@ -82,6 +74,16 @@ def load_middlebury(
         source_frames=[0],
         image_path=lambda t, cam_id: files[cam_id],
         file_sizes=native,
-        background=parse_background(background),
-        cache_size=cache_size,
+        background=parse_background(options.background),
+        cache_size=options.cache_size,
     )
+
+
+FORMAT = DatasetFormat(
+    name="middlebury",
+    detect=lambda path: find_par_file(path) is not None,
+    detect_file=lambda name: name.endswith("_par.txt"),
+    load=load_middlebury,
+    expects="*_par.txt (Middlebury)",
+    loads_file=True,
+)

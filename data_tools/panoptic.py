@@ -16,6 +16,7 @@ import numpy as np
 from ._common import read_json, require_file, select_and_scale
 from .cameras import Camera, make_camera
 from .errors import DataError
+from .formats import DatasetFormat, LoadOptions
 from .sequence import Sequence, parse_background, resolve_frames
 
 META_KEYS = ("k", "w2c", "fn", "cam_id")
@@ -55,9 +56,7 @@ def _cameras(meta: dict, t: int, source: Path) -> list[Camera]:
     ]
 
 
-def load_panoptic(
-    path: Path, *, downscale: float = 1, cameras=None, frames=None, background=None, cache_size: int = 64
-) -> Sequence:
+def load_panoptic(path: Path, options: LoadOptions) -> Sequence:
     train_file = path / "train_meta.json"
     test_file = path / "test_meta.json"
     train_meta = _read_meta(train_file)
@@ -67,7 +66,7 @@ def load_panoptic(
         raise DataError(
             test_file, f"lists {len(test_meta['fn'])} frames but {train_file.name} lists {n_source}"
         )
-    source_frames = resolve_frames(frames, n_source, train_file)
+    source_frames = resolve_frames(options.frames, n_source, train_file)
 
     metas = [(train_file, train_meta)] + ([(test_file, test_meta)] if test_meta else [])
     t0 = source_frames[0]
@@ -81,7 +80,7 @@ def load_panoptic(
                 break
         cams_by_split.append(cams)
     train, test = cams_by_split[0], (cams_by_split[1] if len(cams_by_split) > 1 else [])
-    train, test, native = select_and_scale(train, test, cameras, downscale, path)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
 
     # fn lookup by (sequence frame, camera id); every listed image must exist.
     fn: dict[tuple[int, int], str] = {}
@@ -113,7 +112,7 @@ def load_panoptic(
     def mask_path(t: int, cam_id: int) -> Path | None:
         return path / "seg" / _seg_name(fn[(t, cam_id)]) if cam_id in masked else None
 
-    bg = parse_background(background) if background is not None else None
+    bg = parse_background(options.background) if options.background is not None else None
     if bg is None and "background" in train_meta:
         try:
             bg = parse_background(train_meta["background"])
@@ -135,7 +134,7 @@ def load_panoptic(
         file_sizes=native,
         background=bg,
         init_points=init_points,
-        cache_size=cache_size,
+        cache_size=options.cache_size,
     )
     seq.meta = train_meta  # extra keys (e.g. "synth") for callers that want them
     return seq
@@ -159,3 +158,12 @@ def read_init_points(file: Path) -> np.ndarray:
     if data.ndim != 2 or data.shape[1] != 7:
         raise DataError(file, f"'data' must be [N, 7] (xyz, rgb, seg), got shape {list(data.shape)}")
     return data
+
+
+FORMAT = DatasetFormat(
+    name="panoptic",
+    detect=is_panoptic,
+    detect_file=lambda name: name in ("train_meta.json", "test_meta.json"),
+    load=load_panoptic,
+    expects="train_meta.json (Panoptic)",
+)

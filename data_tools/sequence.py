@@ -14,8 +14,6 @@ from PIL import Image, UnidentifiedImageError
 from .cameras import Camera, scene_radius
 from .errors import DataError
 
-FORMATS = ("panoptic", "blender", "middlebury", "colmap", "llff")
-
 Background = tuple[float, float, float]
 
 
@@ -101,7 +99,6 @@ class Sequence:
         init_points: Callable[[], np.ndarray | None] | np.ndarray | None = None,
         cache_size: int = 64,
     ):
-        assert format in FORMATS, format
         self.path = Path(path)
         self.format = format
         self.train_cameras = list(train_cameras)
