@@ -331,7 +331,10 @@ def gpu_check(out: Path) -> None:
         return records
 
     try:
-        run_gpu_check(out, render_part, step_part, echo=lambda message: click.echo(message, err=True))
+        from .gpu_check import GPU_CHECK_RESOLUTION, GPU_CHECK_SIZE
+        width, height = parse_resolution(GPU_CHECK_RESOLUTION)
+        run_gpu_check(out, render_part, step_part, parse_size(GPU_CHECK_SIZE), width, height,
+                      echo=lambda message: click.echo(message, err=True))
     except GpuCheckUnavailable as error:
         raise click.ClickException(str(error)) from error
 

@@ -75,7 +75,7 @@ def intersection_statistics(scene_specs: list[str], size: int, width: int, heigh
 
 
 def run_gpu_check(out: Path, run_render: Callable[[dict], list], run_step: Callable[[dict], list],
-                  echo: Callable[[str], None] = print) -> dict:
+                  size: int, width: int, height: int, echo: Callable[[str], None] = print) -> dict:
     """Run every part, write gpu_check.json, return its content. `run_render`/`run_step` take the
     common bench options (sizes, cases, ...) and write their own JSON."""
     from .harness import device_slug
@@ -106,10 +106,8 @@ def run_gpu_check(out: Path, run_render: Callable[[dict], list], run_step: Calla
             report["parts"][part] = {"status": f"error: {error}"}
     echo("== intersections")
     try:
-        from .cli import parse_resolution, parse_size
-        width, height = parse_resolution(GPU_CHECK_RESOLUTION)
         report["parts"]["intersections"] = intersection_statistics(
-            GPU_CHECK_CASES.split(","), parse_size(GPU_CHECK_SIZE), width, height, device)
+            GPU_CHECK_CASES.split(","), size, width, height, device)
     except Exception as error:  # noqa: BLE001
         report["parts"]["intersections"] = {"status": f"error: {error}"}
     report["seconds"] = round(time.perf_counter() - started, 1)
