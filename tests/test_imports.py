@@ -7,8 +7,7 @@ tracking/, data_tools/ and bench/, one edge per `import` / `from ... import` any
 (function bodies included; `if TYPE_CHECKING:` blocks excluded, they never run). `from package
 import name` points at the submodule when `name` is one, else at the package's `__init__`.
 
-tritonsplat/ must have none. The cycles known elsewhere are listed in KNOWN_CYCLES, each an
-expected failure (strict: the test fails once the cycle is gone, so the entry must then be removed).
+No package may have any.
 """
 
 from __future__ import annotations
@@ -16,16 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tritonsplat", "tracking", "data_tools", "bench")
-
-# Cycles outside tritonsplat/ that exist today (named by their sorted modules).
-KNOWN_CYCLES: dict[str, frozenset[str]] = {
-    "tracking.evaluate<->tracking.plots": frozenset({"tracking.evaluate", "tracking.plots"}),
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -139,18 +130,6 @@ def test_the_graph_sees_imports_inside_functions():
     assert "tritonsplat.ops.pipeline" in real["tritonsplat.backends"]
 
 
-def test_tritonsplat_has_no_import_cycles():
-    found = [c for c in cycles(import_graph()) if any(m.split(".")[0] == "tritonsplat" for m in c)]
+def test_no_import_cycles():
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(_describe(c) for c in found)
-
-
-def test_no_cycles_beyond_the_known_ones():
-    known = set(KNOWN_CYCLES.values())
-    new = [c for c in cycles(import_graph()) if c not in known]
-    assert not new, "new import cycles: " + "; ".join(_describe(c) for c in new)
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="known cycle"))
-                                  for name in KNOWN_CYCLES])
-def test_known_cycle_is_gone(name):
-    assert KNOWN_CYCLES[name] not in cycles(import_graph()), f"{name} is still a cycle"
