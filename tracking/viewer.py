@@ -143,11 +143,23 @@ class RunViewer:
         focus = means[self._fg] if self._fg.any() else means
         look_at = np.median(focus, 0)
         _, centre, fov = camera_pose(self.result.train_cameras[0] if self.result.train_cameras else self.cameras[0])
-        cam = self.server.initial_camera
-        cam.position = tuple(float(v) for v in centre)
-        cam.look_at = tuple(float(v) for v in look_at)
-        cam.up = tuple(float(v) for v in up)
-        cam.fov = fov
+        # From the first training camera's direction, at the distance where the focus (the foreground, else
+        # everything) fills about 70 % of the view height, or at the camera when that is closer.
+        extent = float(np.percentile(np.linalg.norm(focus - look_at, axis=1), 90)) if len(focus) > 1 else 1.0
+        direction = (centre - look_at) / max(float(np.linalg.norm(centre - look_at)), 1e-12)
+        distance = min(max(extent, 1e-6) / np.tan(fov / 2) / 0.7, float(np.linalg.norm(centre - look_at)))
+        self.home = {"position": look_at + direction * distance, "look_at": look_at, "up": up, "fov": fov}
+        cam = self.server.initial_camera  # what "Reset View" returns to
+        cam.position, cam.look_at, cam.up, cam.fov = (self.home[k] for k in ("position", "look_at", "up", "fov"))
+        # viser 1.1's client starts from its built-in pose after an up-direction change: set each new one's.
+        self.server.on_client_connect(self._home_client)
+
+    def _home_client(self, client) -> None:
+        with client.atomic():
+            client.camera.up_direction = self.home["up"]
+            client.camera.position = self.home["position"]
+            client.camera.look_at = self.home["look_at"]
+            client.camera.fov = self.home["fov"]
 
     def _build_gui(self, trail_length: int, trail_every: int) -> None:
         gui = self.server.gui

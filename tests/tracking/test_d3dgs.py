@@ -40,7 +40,7 @@ def write_synthetic_run(data: Path, out: Path, *, n_frames: int = 3, max_points:
     quats0 = (rng.normal(size=(n, 4)) * 2).astype(np.float32)  # unnormalised, as Adam leaves them
     params0 = {"means": pts[:, :3].copy(), "rgb": pts[:, 3:6].copy(), "seg": seg, "quats": quats0,
                "logit_opacities": rng.normal(1.0, 0.5, size=(n, 1)).astype(np.float32),
-               "log_scales": np.full((n, 3), np.log(0.03 * radius), np.float32)
+               "log_scales": np.full((n, 3), np.log(0.012 * radius), np.float32)
                + rng.normal(0, 0.2, size=(n, 3)).astype(np.float32),
                "cam_m": rng.normal(0, 0.05, size=(len(seq.train_cameras), 3)).astype(np.float32),
                "cam_c": rng.normal(0, 0.02, size=(len(seq.train_cameras), 3)).astype(np.float32)}
