@@ -139,16 +139,19 @@ class RunViewer:
         up = np.mean(ups, 0)
         up = up / max(np.linalg.norm(up), 1e-12)
         self.server.scene.set_up_direction(tuple(float(v) for v in up))
+        # Start from the first training camera's pose, looking along its axis at the depth of the foreground
+        # (else of everything): the view the fit was trained on.
         means = self.result.means[self.frame].numpy()
         focus = means[self._fg] if self._fg.any() else means
-        look_at = np.median(focus, 0)
-        _, centre, fov = camera_pose(self.result.train_cameras[0] if self.result.train_cameras else self.cameras[0])
-        # From the first training camera's direction, at the distance where the focus (the foreground, else
-        # everything) fills about 70 % of the view height, or at the camera when that is closer.
-        extent = float(np.percentile(np.linalg.norm(focus - look_at, axis=1), 90)) if len(focus) > 1 else 1.0
-        direction = (centre - look_at) / max(float(np.linalg.norm(centre - look_at)), 1e-12)
-        distance = min(max(extent, 1e-6) / np.tan(fov / 2) / 0.7, float(np.linalg.norm(centre - look_at)))
-        self.home = {"position": look_at + direction * distance, "look_at": look_at, "up": up, "fov": fov}
+        cam0 = self.result.train_cameras[0] if self.result.train_cameras else self.cameras[0]
+        _, centre, fov = camera_pose(cam0)
+        c2w = np.linalg.inv(np.asarray(cam0.w2c, np.float64))
+        forward = c2w[:3, 2]
+        depth = float(np.median((focus - centre) @ forward))
+        look_at = centre + forward * (depth if depth > 0 else float(self.result.scene_radius))
+        up = -c2w[:3, 1]
+        position = centre
+        self.home = {"position": position, "look_at": look_at, "up": up, "fov": fov}
         cam = self.server.initial_camera  # what "Reset View" returns to
         cam.position, cam.look_at, cam.up, cam.fov = (self.home[k] for k in ("position", "look_at", "up", "fov"))
         # viser 1.1's client starts from its built-in pose after an up-direction change: set each new one's.
