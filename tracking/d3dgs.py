@@ -47,6 +47,8 @@ STATIC = {"seg_colors": "seg", "logit_opacities": "logit_opacities", "log_scales
           "cam_m": "cam_m", "cam_c": "cam_c"}
 KEY_ORDER = ("means3D", "rgb_colors", "seg_colors", "unnorm_rotations", "logit_opacities", "log_scales", "cam_m",
              "cam_c")  # the insertion order of the original's params dict
+# The original records no optimisation curves; empty ones keep `eval`'s loss plot working.
+NO_CURVES = {"loss": np.zeros(0, np.float32), "psnr": np.zeros(0, np.float32)}
 LAST_DIM = {"means3D": 3, "rgb_colors": 3, "unnorm_rotations": 4, "seg_colors": 3, "logit_opacities": 1,
             "log_scales": 3, "cam_m": 3, "cam_c": 3}
 
@@ -221,7 +223,7 @@ def import_original(params_path: str | Path, data: str | Path, out_dir: str | Pa
                     "rgb": {"step": np.int64(0), "exp_avg": np.zeros((n, 3), np.float32),
                             "exp_avg_sq": np.zeros((n, 3), np.float32)}}
             write_frame(stage, FrameRecord(t=t, means=f32["means3D"][t], quats=f32["unnorm_rotations"][t],
-                                           rgb=f32["rgb_colors"][t], adam=adam,
+                                           rgb=f32["rgb_colors"][t], adam=adam, curves=NO_CURVES,
                                            stats={"source_frame": int(spec.source_frames[t]), "imported": 1}))
         write_json_atomic(stage / "config.json", {"config": config.to_dict(), "data": spec.__dict__,
                                                   "imported_from": str(params_path.resolve())})

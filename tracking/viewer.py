@@ -36,7 +36,7 @@ def _import_viser():
         import viser
     except ImportError:
         raise TrackingError('the viewer needs the `viewer` extra: pip install "tritonsplat[viewer]" '
-                            '(or pip install "viser>=1.0,<2")') from None
+                            '(or pip install "viser>=1.1,<2")') from None
     return viser
 
 
@@ -121,7 +121,9 @@ class RunViewer:
 
         self.server = viser.ViserServer(host=host, port=int(port), verbose=False)
         try:
-            self.url = f"http://{self.server.get_host()}:{self.server.get_port()}"
+            # 0.0.0.0 / :: listen on every address; a browser on this machine reaches them at localhost.
+            shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+            self.url = f"http://{shown}:{self.server.get_port()}"
             self._set_up_scene()
             self._build_gui(trail_length, trail_every)
             self.show(self.frame)

@@ -161,6 +161,10 @@ def test_a_file_written_as_save_params_imports(tiny_scene, tmp_path):
         np.testing.assert_array_equal(r.means[t].numpy(), output_params[t]["means3D"])
     np.testing.assert_array_equal(r.params(0)["cam_m"].numpy(), np.zeros((len(seq.train_cameras), 3)))
     assert torch.isfinite(r.render(seq.n_frames - 1, r.train_cameras[0], backend="torch")).all()
+    for command in (["eval", "--no-lpips"], ["render", "--format", "png"], ["export"]):
+        result = CliRunner().invoke(main, [command[0], str(tmp_path / "run"), *command[1:]])
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "export" / "tracks.npz").exists()
 
 
 def _good_arrays(n_frames: int, n: int = 20) -> dict[str, np.ndarray]:
