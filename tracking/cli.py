@@ -1,4 +1,4 @@
-"""The ``tritonsplat-track`` command line: fit, eval, table, export, render, demo.
+"""The ``tritonsplat-track`` command line: fit, eval, table, export, render, demo, import-original, view.
 
 Thin: each command builds a config, calls the library, writes config.json beside the outputs and
 shows progress. User mistakes print one line and exit with a non-zero code (no traceback):
@@ -254,14 +254,66 @@ def _require_run(out: Path) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["ply", "d3dgs", "splat"]), default="ply", show_default=True,
+              help="ply: OUT/export/ply/NNNNNN.ply (3DGS layout) and tracks.npz; d3dgs: OUT/export/params.npz "
+                   "(the original's layout); splat: OUT/export/splat/NNNNNN.splat (32-byte records).")
+@click.option("--sh-degree", type=click.Choice(["0", "3"]), default="0", show_default=True,
+              help="PLY only: 3 adds the 45 f_rest_* fields (zeros) that Inria's loader expects by default.")
+@click.option("--depth", is_flag=True,
+              help="Also write expected and median depth per camera and frame: "
+                   "OUT/export/depth/<camera>/<kind>_NNNNNN.npy (float32) and .png (uint16 mm, 0 = no coverage).")
+@click.option("--device", default=None, help="Device for --depth renders (default: cuda when available).")
 @_friendly_errors
-def export(out):
-    """Write OUT/export/ply/NNNNNN.ply (3DGS layout) per frame and OUT/export/tracks.npz."""
+def export(out, fmt, sh_degree, depth, device):
+    """Export the run in OUT: per-frame PLY (default) or .splat, or the original's params.npz; optional depth maps."""
     from .export import export_run
 
     _require_run(out)
-    paths = export_run(out, progress=True)
-    click.echo(f"wrote {paths['ply']}/*.ply and {paths['tracks']}")
+    if int(sh_degree) and fmt != "ply":
+        raise click.BadParameter(f"applies to --format ply only, got --format {fmt}", param_hint="--sh-degree")
+    paths = export_run(out, progress=True, fmt=fmt, sh_degree=int(sh_degree), depth=depth, device=device)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command("import-original")
+@click.argument("params", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace the run OUT holds.")
+@_friendly_errors
+def import_original(params, data, out, overwrite):
+    """Read the original Dynamic 3D Gaussians' PARAMS.npz (fitted on DATA) into the run folder OUT."""
+    from .d3dgs import import_original as run_import
+
+    run_import(params, data, out, overwrite=overwrite)
+    from .result import TrackingResult
+
+    click.echo(f"imported {TrackingResult(out)!r}")
+    click.echo(f"next: tritonsplat-track eval {out}, render {out}, export {out} or view {out}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--port", type=int, default=8080, show_default=True, help="HTTP port (0: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--frame", type=int, default=0, show_default=True, help="Frame shown first.")
+@_friendly_errors
+def view(out, port, host, frame):
+    """Browse the run in OUT in a web browser: splats per frame, time slider, trails, cameras (extra `viewer`)."""
+    from .viewer import RunViewer
+
+    _require_run(out)
+    if not 0 <= port <= 65535:
+        raise click.BadParameter(f"must be in 0..65535, got {port}", param_hint="--port")
+    viewer = RunViewer(out, host=host, port=port, frame=frame)
+    click.echo(f"viewing {out} ({viewer.n_frames} frame(s), {viewer.n_gaussians:,} Gaussians) at {viewer.url}")
+    click.echo("press Ctrl-C to stop")
+    try:
+        viewer.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        viewer.close()
 
 
 @main.command()
