@@ -9,13 +9,14 @@ track of the scene, then evaluate, export and render it::
     result.means[t], result.quats[t], result.track(points_at_t0), result.render(t, camera)
     metrics = tracking.evaluate("runs/basketball")          # writes runs/basketball/metrics.json
 
-Command line: ``tritonsplat-track fit | eval | export | render | demo`` (see ``--help``).
+Command line: ``tritonsplat-track fit | eval | table | export | render | demo`` (see ``--help``).
 """
 
 # The functions fit and evaluate share their names with their modules: importing them last binds the
 # package attributes to the functions (the modules stay reachable through sys.modules / `from ... import`).
 from .config import DensifyConfig, LearningRates, LossWeights, TrackingConfig
 from .errors import ConfigMismatchError, NaNLossError, StorageError, TrackingError
+from .eval_config import EvalConfig
 from .evaluate import evaluate
 from .fit import fit  # noqa: I001
 from .result import TrackingResult, load
@@ -23,6 +24,7 @@ from .result import TrackingResult, load
 __all__ = [
     "ConfigMismatchError",
     "DensifyConfig",
+    "EvalConfig",
     "LearningRates",
     "LossWeights",
     "NaNLossError",
