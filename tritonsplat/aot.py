@@ -40,78 +40,25 @@ class KernelVariant:
         return ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
 
 
-def _projection_variants() -> list[KernelVariant]:
-    from .ops._launch import launch_settings
+def _declared_variants(module: str) -> list[KernelVariant]:
+    """The variants a `tritonsplat.ops` module declares with its launchers' own constants."""
+    import importlib
 
-    launch = launch_settings("projection")
-    forward_signature = {
-        "means_ptr": "*fp32", "quats_ptr": "*fp32", "scales_ptr": "*fp32", "covars_ptr": "*fp32",
-        "opacities_ptr": "*fp32", "sh_ptr": "*fp32", "viewmats_ptr": "*fp32", "intrinsics_ptr": "*fp32",
-        "clamp_ptr": "*fp32", "means2d_ptr": "*fp32", "conics_ptr": "*fp32", "depths_ptr": "*fp32",
-        "radii_ptr": "*i32", "colors_ptr": "*fp32", "n_gaussians": "i32", "n_cameras": "i32",
-        "sh_stride": "i32", "width": "i32", "height": "i32", "near": "fp32", "far": "fp32", "eps2d": "fp32",
-        "BLOCK": "constexpr", "COVARIANCE_INPUT": "constexpr", "SH_DEGREE": "constexpr",
-        "RADIUS_RULE": "constexpr", "TILE_SIZE": "constexpr"}
-    backward_signature = {
-        "means_ptr": "*fp32", "quats_ptr": "*fp32", "scales_ptr": "*fp32", "covars_ptr": "*fp32",
-        "sh_ptr": "*fp32", "viewmats_ptr": "*fp32", "intrinsics_ptr": "*fp32", "clamp_ptr": "*fp32",
-        "radii_ptr": "*i32", "grad_means2d_ptr": "*fp32", "grad_conics_ptr": "*fp32", "grad_depths_ptr": "*fp32",
-        "grad_colors_ptr": "*fp32", "out_grad_means_ptr": "*fp32", "out_grad_quats_ptr": "*fp32",
-        "out_grad_scales_ptr": "*fp32", "out_grad_sh_ptr": "*fp32", "out_grad_viewmats_ptr": "*fp32",
-        "n_gaussians": "i32", "n_cameras": "i32", "sh_stride": "i32", "near": "fp32", "far": "fp32",
-        "eps2d": "fp32", "BLOCK": "constexpr", "COVARIANCE_INPUT": "constexpr", "SH_DEGREE": "constexpr",
-        "VIEWMAT_GRAD": "constexpr"}
-    variants = []
-    for sh_degree in (-1, 3):
-        variants.append(KernelVariant(
-            f"projection_forward[sh={sh_degree}]", "projection", "_projection_forward_kernel", forward_signature,
-            {"BLOCK": launch.block, "COVARIANCE_INPUT": False, "SH_DEGREE": sh_degree, "RADIUS_RULE": 0,
-             "TILE_SIZE": 16}, launch.num_warps))
-        variants.append(KernelVariant(
-            f"projection_backward[sh={sh_degree}]", "projection", "_projection_backward_kernel",
-            backward_signature, {"BLOCK": launch.block, "COVARIANCE_INPUT": False, "SH_DEGREE": sh_degree,
-                                 "VIEWMAT_GRAD": True}, launch.num_warps))
-    variants.append(KernelVariant(
-        "projection_forward[compat]", "projection", "_projection_forward_kernel", forward_signature,
-        {"BLOCK": launch.block, "COVARIANCE_INPUT": True, "SH_DEGREE": -1, "RADIUS_RULE": 1, "TILE_SIZE": 16},
-        launch.num_warps))
-    variants.append(KernelVariant(
-        "projection_backward[compat]", "projection", "_projection_backward_kernel", backward_signature,
-        {"BLOCK": launch.block, "COVARIANCE_INPUT": True, "SH_DEGREE": -1, "VIEWMAT_GRAD": False},
-        launch.num_warps))
-    return variants
+    declared = importlib.import_module(f"tritonsplat.ops.{module}").compiled_variants()
+    return [KernelVariant(v["name"], module, v["kernel"], v["signature"], v["constexprs"], v["num_warps"])
+            for v in declared]
+
+
+def _projection_variants() -> list[KernelVariant]:
+    return _declared_variants("projection") + _declared_variants("checks")
 
 
 def _binning_variants() -> list[KernelVariant]:
-    from .ops._launch import launch_settings
-
-    launch = launch_settings("binning")
-    signature = {
-        "means2d_ptr": "*fp32", "conics_ptr": "*fp32", "opacities_ptr": "*fp32", "radii_ptr": "*i32",
-        "depths_ptr": "*fp32", "offsets_ptr": "*i64", "counts_ptr": "*i32", "keys_ptr": "*i64",
-        "ids_ptr": "*i32", "n_gaussians": "i32", "n_cameras": "i32", "width": "i32", "height": "i32",
-        "tiles_x": "i32", "tiles_y": "i32", "n_tiles": "i32", "rank_bits": "i32", "BLOCK": "constexpr",
-        "TILE_SIZE": "constexpr", "TILE_RULE": "constexpr", "EMIT": "constexpr", "RANK_KEYS": "constexpr"}
-    rank_signature = dict(signature, depths_ptr="*i32", keys_ptr="*i32")
-    variants = [KernelVariant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", "binning",
-                              "_bin_tiles_kernel", signature,
-                              {"BLOCK": launch.block, "TILE_SIZE": 16, "TILE_RULE": rule, "EMIT": emit,
-                               "RANK_KEYS": False}, launch.num_warps)
-                for rule in (0, 1) for emit in (False, True)]
-    variants.append(KernelVariant("bin_tiles[emit,rule=0,rank_keys]", "binning", "_bin_tiles_kernel",
-                                  rank_signature, {"BLOCK": launch.block, "TILE_SIZE": 16, "TILE_RULE": 0,
-                                                   "EMIT": True, "RANK_KEYS": True}, launch.num_warps))
-    return variants
+    return _declared_variants("binning")
 
 
 def _sorting_variants() -> list[KernelVariant]:
-    from .ops._launch import launch_settings
-
-    launch = launch_settings("tile_ranges")
-    return [KernelVariant(f"tile_ranges[{key}]", "sorting", "_tile_ranges_kernel",
-                          {"sorted_keys_ptr": f"*{key}", "ranges_ptr": "*i64", "n_intersections": "i64",
-                           "shift": "i32", "BLOCK": "constexpr"},
-                          {"BLOCK": launch.block}, launch.num_warps) for key in ("i64", "i32")]
+    return _declared_variants("sorting")
 
 
 def _compositing_variants() -> list[KernelVariant]:

@@ -46,3 +46,19 @@ def launch_settings(kernel: str) -> LaunchSettings:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def kernel_signature(kernel, types: dict | None = None, *, pointer: str = "*fp32", scalar: str = "i32") -> dict:
+    """Triton argument types of a @triton.jit kernel from its Python signature, for ahead-of-time
+    compiles (`tritonsplat.aot`): constexpr parameters as "constexpr", `types` for the named
+    arguments, else `pointer` for names ending in _ptr and `scalar` for the rest."""
+    import inspect
+
+    types = types or {}
+    signature = {}
+    for name, parameter in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
+        if "constexpr" in str(parameter.annotation):
+            signature[name] = "constexpr"
+        else:
+            signature[name] = types.get(name, pointer if name.endswith("_ptr") else scalar)
+    return signature

@@ -359,3 +359,27 @@ def check_intersection_count(total: int) -> None:
     if total > MAX_INTERSECTIONS:
         raise ValueError(f"tile intersections: {total} exceed the supported 2^31 - 1 = {MAX_INTERSECTIONS}; "
                          f"render fewer cameras or Gaussians per call, or at a lower resolution")
+
+
+def compiled_variants() -> list[dict]:
+    """The binning kernel's configurations (collected by `tritonsplat.aot`): count and emit for both
+    tile rules, and the int32 rank-key emit."""
+    from ._launch import kernel_signature
+
+    launch = launch_settings("binning")
+    types = {"radii_ptr": "*i32", "depth_order_ptr": "*i64", "inclusive_ptr": "*i64", "counts_ptr": "*i32",
+             "keys_ptr": "*i64", "ids_ptr": "*i32"}
+    variants = []
+    for rule in (0, 1):
+        for emit in (False, True):
+            variants.append(dict(
+                name=f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", kernel="_bin_tiles_kernel",
+                signature=kernel_signature(_bin_tiles_kernel, types),
+                constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=rule, EMIT=emit, RANK_KEYS=False),
+                num_warps=launch.num_warps))
+    variants.append(dict(
+        name="bin_tiles[emit,rule=0,rank_keys]", kernel="_bin_tiles_kernel",
+        signature=kernel_signature(_bin_tiles_kernel, dict(types, keys_ptr="*i32")),
+        constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=0, EMIT=True, RANK_KEYS=True),
+        num_warps=launch.num_warps))
+    return variants

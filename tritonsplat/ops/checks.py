@@ -93,3 +93,12 @@ def pending_value_checks(inputs: RasterizeInputs) -> PendingChecks:
         n, colors.numel(), inputs.n_cameras, backgrounds.numel() if backgrounds is not None else 0,
         BLOCK=BLOCK, HAS_BACKGROUNDS=backgrounds is not None, num_warps=4)
     return PendingChecks(flags, VALUE_CHECK_MESSAGES)
+
+
+def compiled_variants() -> list[dict]:
+    """The value-check kernel's configurations (collected by `tritonsplat.aot`)."""
+    from ._launch import kernel_signature
+
+    signature = kernel_signature(_value_checks_kernel, {"flags_ptr": "*i32"})
+    return [dict(name=f"value_checks[backgrounds={has}]", kernel="_value_checks_kernel", signature=signature,
+                 constexprs=dict(BLOCK=BLOCK, HAS_BACKGROUNDS=has), num_warps=4) for has in (False, True)]

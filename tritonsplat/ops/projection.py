@@ -849,3 +849,34 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
                                        sh_degree)
     colors = outputs[4] if sh_degree is not None else None
     return ProjectedGaussians(outputs[0], outputs[1], outputs[2], outputs[3], colors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled variants (collected by `tritonsplat.aot`): what the launchers above can launch.
+# --------------------------------------------------------------------------------------------------
+
+def compiled_variants() -> list[dict]:
+    """The projection kernels' configurations: SH degree -1 / 3 with the standard in-kernel clamp, and
+    the compat path (covariance input, the original's radius rule, given clamp limits)."""
+    from ._launch import kernel_signature
+
+    launch = launch_settings("projection")
+    types = {"radii_ptr": "*i32", "near": "fp32", "far": "fp32", "eps2d": "fp32", "margin_x": "fp32",
+             "margin_y": "fp32"}
+    forward = kernel_signature(_projection_forward_kernel, types)
+    backward = kernel_signature(_projection_backward_kernel, types)
+    variants = []
+    for name, covariance, sh_degree, radius_rule, standard_clamp in (
+            ("sh=-1", False, -1, RADIUS_OPACITY_AWARE, True), ("sh=3", False, 3, RADIUS_OPACITY_AWARE, True),
+            ("compat", True, -1, RADIUS_INRIA, False)):
+        variants.append(dict(
+            name=f"projection_forward[{name}]", kernel="_projection_forward_kernel", signature=forward,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            RADIUS_RULE=radius_rule, TILE_SIZE=16, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+        variants.append(dict(
+            name=f"projection_backward[{name}]", kernel="_projection_backward_kernel", signature=backward,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            VIEWMAT_GRAD=not covariance, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+    return variants

@@ -42,7 +42,7 @@ def _tile_ranges_kernel(
     in_buffer = offsets < n_entries
     n_valid = n_entries
     if COUNT_ON_DEVICE:
-        n_valid = tl.minimum(tl.load(count_ptr), n_entries)
+        n_valid = tl.minimum(tl.load(count_ptr, mask=n_entries > 0, other=0), n_entries)
     mask = offsets < n_valid
     key = tl.load(sorted_keys_ptr + offsets, mask=mask, other=-1)
     tile_bin = (key >> shift).to(tl.int64)
@@ -127,3 +127,22 @@ def tile_ranges(sorted_keys: torch.Tensor,  # [M] int64 or int32
     ids = torch.zeros(sorted_keys.numel(), device=sorted_keys.device, dtype=torch.int32)
     ranges, _ = _launch_tile_ranges(sorted_keys.contiguous(), identity, ids, None, n_bins, 1, 0, shift, 0)
     return ranges
+
+
+def compiled_variants() -> list[dict]:
+    """The tile-ranges kernel's configurations (collected by `tritonsplat.aot`): int64 / int32 rank
+    keys, with the count as an argument or on the device (capacity mode)."""
+    from ._launch import kernel_signature
+
+    launch = launch_settings("tile_ranges")
+    variants = []
+    for rank_keys in (False, True):
+        for on_device in (False, True):
+            types = {"sorted_keys_ptr": "*i32" if rank_keys else "*i64", "source_ptr": "*i64", "ids_ptr": "*i32",
+                     "count_ptr": "*i64", "ranges_ptr": "*i32", "sorted_ids_ptr": "*i32"}
+            variants.append(dict(
+                name=f"tile_ranges[{'rank_keys' if rank_keys else 'i64'}{',count_on_device' if on_device else ''}]",
+                kernel="_tile_ranges_kernel", signature=kernel_signature(_tile_ranges_kernel, types),
+                constexprs=dict(BLOCK=launch.block, RANK_KEYS=rank_keys, COUNT_ON_DEVICE=on_device),
+                num_warps=launch.num_warps))
+    return variants
