@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
-from ..rendering import RasterizeOutput, expected_depth
+from ..rendering import RasterizeOutput
 from ..settings import RenderSettings
 from . import binning, compositing, projection, sorting
 
@@ -64,15 +64,14 @@ def render_triton(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, 
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),
-            ranges, sorted_ids, settings, absgrad=absgrad, densify_channels=densify_channels,
+            ranges.to(torch.int32), sorted_ids, settings, absgrad=absgrad, densify_channels=densify_channels,
             densify_grad=densify_grad, deterministic=deterministic,
             means2d_for_absgrad=means2d if absgrad else None)
 
     def out(tensor):
-        return tensor if tensor.dtype == output_dtype else tensor.to(output_dtype)
+        return tensor if tensor is None or tensor.dtype == output_dtype else tensor.to(output_dtype)
 
     return RasterizeOutput(
-        colors=out(rendered.colors), alphas=out(rendered.alphas),
-        depths=out(expected_depth(rendered.depth_sums, rendered.alphas)),
+        colors=out(rendered.colors), alphas=out(rendered.alphas), depths=out(rendered.depths),
         median_depths=out(rendered.median_depths), radii=projected.radii, means2d=means2d,
         n_intersections=int(sorted_keys.numel()), densify_grad=densify_grad, backend="triton")
