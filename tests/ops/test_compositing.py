@@ -270,8 +270,13 @@ def test_forward_and_backward_agree_on_blended_pairs():
     assert torch.equal(state.last_index >= 0, forward_counts > 0)
 
 
-def test_deterministic_backward_is_bit_identical_and_close():
-    inputs, tile_ranges, sorted_ids, settings = make_inputs(n_cameras=2, n=8, tile_size=8, backgrounds=True, seed=7)
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(n_cameras=2, n=8, tile_size=8, backgrounds=True, seed=7), id="C2-D3"),
+    pytest.param(dict(n=6, n_channels=9, width=11, height=9, tile_size=4, per_camera_colors=True, seed=9),
+                 id="C1-D9-chunked"),
+])
+def test_deterministic_backward_is_bit_identical_and_close(case):
+    inputs, tile_ranges, sorted_ids, settings = make_inputs(**case)
     out, _ = run_triton(inputs, tile_ranges, sorted_ids, settings)
     upstream = _upstream(out._asdict())
     _, atomic = run_triton(inputs, tile_ranges, sorted_ids, settings, upstream)
@@ -355,6 +360,21 @@ def test_no_access_outside_the_buffers(monkeypatch, kwargs):
         (out.colors.sum() + out.depths.sum() + out.alphas.sum()).backward()
     assert checked[0] > 1000
     assert torch.isfinite(leaves["means2d"].grad).all()
+
+
+def test_int64_offsets_path_matches_int32(monkeypatch):
+    inputs, tile_ranges, sorted_ids, settings = make_inputs(n_cameras=2, n=6, width=9, height=8, tile_size=4,
+                                                            backgrounds=True, seed=10)
+    out, _ = run_triton(inputs, tile_ranges, sorted_ids, settings)
+    upstream = _upstream(out._asdict())
+    out, grads = run_triton(inputs, tile_ranges, sorted_ids, settings, upstream)
+    monkeypatch.setattr(compositing, "INT32_LIMIT", 16)     # every size "overflows": int64 offsets
+    wide, wide_grads = run_triton(inputs, tile_ranges, sorted_ids, settings, upstream)
+    for name in ALL_OUTPUTS:
+        assert torch.equal(getattr(wide, name), getattr(out, name)), name
+    for name, value in grads.items():
+        if value is not None:
+            assert_close(wide_grads[name], value, 1e-7 * float(value.abs().max()) + 1e-30, 1e-6, f"grad {name}")
 
 
 def test_contract_violations_raise_clear_errors():

@@ -497,22 +497,22 @@ def _composite_backward_kernel(
             colors = base + colors_offset
             row_offset = entry * row_width
             color_offset = (row - camera * color_row_shift) * n_channels + channel_offset
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_0, lane, valid, rows_ptr, row_offset,
-                            0, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_1, lane, valid, rows_ptr, row_offset,
-                            1, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_2, lane, valid, rows_ptr, row_offset,
-                            2, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_3, lane, valid, rows_ptr, row_offset,
-                            3, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_4, lane, valid, rows_ptr, row_offset,
-                            4, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_5, lane, valid, rows_ptr, row_offset,
-                            5, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_6, lane, valid, rows_ptr, row_offset,
-                            6, CHANNELS, DETERMINISTIC)
-            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_7, lane, valid, rows_ptr, row_offset,
-                            7, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_0, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 0, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_1, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 1, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_2, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 2, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_3, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 3, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_4, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 4, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_5, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 5, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_6, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 6, CHANNELS, DETERMINISTIC)
+            _color_gradient(out_grad_colors_ptr, color_offset, weight, upstream_7, lane, valid, rows_ptr,
+                            row_offset + channel_offset, 7, CHANNELS, DETERMINISTIC)
             if GEOMETRY:
                 q = zero
                 q_k = zero
@@ -884,19 +884,19 @@ def compiled_variants() -> list[dict]:
     figures batch (Gaussians per main-loop iteration), pixels_per_thread and tile_pixels."""
     variants = []
 
-    def forward(name, tile_size, channels, *, alphas=True, depths=True, median=True, state=True):
+    def forward(name, tile_size, channels, *, alphas=True, depths=True, median=True, state=True, int64=False):
         layout = pixel_layout(tile_size, backward=False)
         variants.append(dict(
             name=name, kernel="_composite_forward_kernel", signature=_aot_signature(_composite_forward_kernel),
             constexprs=dict(TILE_SIZE=tile_size, BATCH=FORWARD_BATCH, PIXELS_PER_THREAD=layout.pixels_per_thread,
                             WARPS=layout.num_warps, LANES=layout.lanes, CHANNELS=channels, HAS_BACKGROUND=True,
                             ALPHAS=alphas, DEPTHS=depths, MEDIAN=median, STATE=state, COUNT_PAIRS=False,
-                            INT64_OFFSETS=False),
+                            INT64_OFFSETS=int64),
             num_warps=layout.num_warps, batch=FORWARD_BATCH, pixels_per_thread=layout.pixels_per_thread,
             tile_pixels=tile_size * tile_size))
 
     def backward(name, tile_size, channels, q_channels, *, geometry=True, alpha=True, depth=True, densify=0,
-                 absgrad=False, deterministic=False):
+                 absgrad=False, deterministic=False, int64=False):
         layout = pixel_layout(tile_size, backward=True)
         variants.append(dict(
             name=name, kernel="_composite_backward_kernel", signature=_aot_signature(_composite_backward_kernel),
@@ -904,7 +904,7 @@ def compiled_variants() -> list[dict]:
                             WARPS=layout.num_warps, LANES=layout.lanes, CHANNELS=channels, GEOMETRY=geometry,
                             Q_CHANNELS=q_channels, UPSTREAM_CHANNELS=max(channels, min(q_channels, CHANNEL_CHUNK)),
                             HAS_BACKGROUND=True, ALPHA_GRAD=alpha, DEPTH_GRAD=depth, DENSIFY_CHANNELS=densify,
-                            ABSGRAD=absgrad, DETERMINISTIC=deterministic, COUNT_PAIRS=False, INT64_OFFSETS=False),
+                            ABSGRAD=absgrad, DETERMINISTIC=deterministic, COUNT_PAIRS=False, INT64_OFFSETS=int64),
             num_warps=layout.num_warps, batch=BACKWARD_BATCH, pixels_per_thread=layout.pixels_per_thread,
             tile_pixels=tile_size * tile_size))
 
@@ -920,6 +920,8 @@ def compiled_variants() -> list[dict]:
     backward("composite_backward[D=3,deterministic]", 16, 3, 3, deterministic=True)
     backward("composite_backward[D=33,geometry]", 16, CHANNEL_CHUNK, 33, densify=3)
     backward("composite_backward[D>8,chunk]", 16, CHANNEL_CHUNK, 0, geometry=False, alpha=False, depth=False)
+    forward("composite_forward[D=3,int64_offsets]", 16, 3, int64=True)
+    backward("composite_backward[D=3,int64_offsets]", 16, 3, 3, int64=True)
     for tile_size in (4, 8, 32):
         forward(f"composite_forward[D=3,tile={tile_size}]", tile_size, 3)
         backward(f"composite_backward[D=3,tile={tile_size}]", tile_size, 3, 3)
