@@ -5,6 +5,11 @@ TRITON_INTERPRET and returns one row per kernel and architecture (registers, spi
 memory, warps, constexpr configuration). Each row becomes a record of benchmark "compile_report",
 metric "compile", backend "triton", device "aot:sm_XX", with the row in `details`; the target is
 zero spills, and the command exits non-zero when any kernel spills.
+
+`python -m bench.compile_report [--out bench/results/compile]` writes the full report (every row of
+`python -m tritonsplat.aot --json`, including the SASS loop figures of the compositing kernels) to
+`compile_report.json` and plots instructions per Gaussian-pixel pair at sm_90 next to the targets and
+the CUDA reference design to `compile_report.png` (`plot_compile_report`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .harness import REPO_ROOT, Record
+from .harness import REPO_ROOT, Record, machine_info, now_utc
 
 BENCHMARK = "compile_report"
 METRIC = "compile"
@@ -62,10 +67,13 @@ def spilling_kernels(records: Sequence[Record]) -> list[str]:
 
 
 def format_compile_table(records: Sequence[Record]) -> str:
-    header = ("kernel", "arch", "registers", "spilled bytes", "shared memory", "warps", "config")
+    header = ("kernel", "arch", "registers", "spilled bytes", "shared memory", "warps", "CTAs/SM", "barriers",
+              "fences", "instr/pair", "config")
     rows = [header] + [
         (str(r.details["kernel"]), str(r.details["arch"]), str(r.details["registers"]), str(r.details["spilled_bytes"]),
-         str(r.details["shared_memory_bytes"]), str(r.details["num_warps"]), str(r.details["config"]))
+         str(r.details["shared_memory_bytes"]), str(r.details["num_warps"]), str(r.details.get("ctas_per_sm", "-")),
+         str(r.details.get("barriers", "-")), str(r.details.get("fences", "-")),
+         str(r.details.get("instructions_per_pair", "-")), str(r.details["config"]))
         for r in records if r.skipped is None]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
@@ -91,3 +99,80 @@ def run_in_subprocess(out_dir: Path, device: str, timeout_s: float) -> tuple[int
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
         return None, output or ""
+
+
+# Instructions per Gaussian-pixel pair at sm_90 (Triton 3.9, cuobjdump -sass, main loop x threads /
+# (Gaussians per iteration x pixels per tile)) of the compositing kernels at commit d02f9a1, and of a
+# minimal CUDA kernel written like gsplat's forward (nvcc -O3 -arch=sm_90), measured the same way.
+BEFORE_SM90 = {"composite_forward[D=3]": 127.0, "composite_forward[D=6]": 176.0, "composite_backward[D=3]": 342.0,
+               "composite_backward[D=6]": 420.0}
+CUDA_REFERENCE_SM90 = {"forward D=3": (32.0, 55.0), "forward D=6": (32.0, 60.0), "backward (model)": (90.0, 90.0)}
+TARGETS_SM90 = {"composite_forward[D=3]": 45.0, "composite_forward[D=6]": 60.0, "composite_backward[D=3]": 120.0}
+
+
+def plot_compile_report(rows: Sequence[dict], path: Path) -> Path | None:
+    """Bar chart: instructions per pair of each compositing variant at sm_90, with targets and the
+    figures before this design."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r.get("arch") == "sm_90" and r.get("instructions_per_pair") is not None]
+    if not measured:
+        return None
+    figure, axes = plt.subplots(figsize=(10, 0.32 * len(measured) + 1.5))
+    names = [r["name"] for r in measured]
+    axes.barh(names, [r["instructions_per_pair"] for r in measured], color="tab:blue", label="now")
+    before = [(i, BEFORE_SM90[n]) for i, n in enumerate(names) if n in BEFORE_SM90]
+    axes.scatter([b for _, b in before], [i for i, _ in before], color="tab:red", marker="x", label="before (d02f9a1)")
+    targets = [(i, TARGETS_SM90[n]) for i, n in enumerate(names) if n in TARGETS_SM90]
+    axes.scatter([t for _, t in targets], [i for i, _ in targets], color="black", marker="|", s=200, label="target")
+    axes.axvspan(*CUDA_REFERENCE_SM90["forward D=3"], color="grey", alpha=0.15, label="CUDA reference forward")
+    axes.invert_yaxis()
+    axes.set_xlabel("SASS instructions per Gaussian-pixel pair (sm_90, static)")
+    axes.set_title("compositing kernels: main loop x threads / (Gaussians per iteration x pixels per tile)", fontsize=9)
+    axes.tick_params(axis="y", labelsize=7)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Full compile report -> <out>/compile_report.json and .png; exit 1 on errors, spills or fences."""
+    import argparse
+    import json
+
+    from tritonsplat import aot
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "compile")
+    parser.add_argument("--archs", default="80,90")
+    parser.add_argument("--only", default=None, help="only variants whose name contains this text")
+    args = parser.parse_args(argv)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    started = time.perf_counter()
+    rows = load_compile_report()(archs=archs, only=args.only)
+    command = "python -m bench.compile_report " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload = {"benchmark": BENCHMARK, "created": now_utc(), "command": command.strip(),
+               "compile_seconds": round(time.perf_counter() - started, 1), "machine": machine_info("cpu"),
+               "before_sm90_instructions_per_pair": BEFORE_SM90, "cuda_reference_sm90": CUDA_REFERENCE_SM90,
+               "targets_sm90": TARGETS_SM90, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "compile_report.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(payload, indent=1) + "\n")
+    temporary.replace(path)
+    plot_compile_report(rows, args.out / "compile_report.png")
+    print(aot.format_table(rows))
+    print(f"wrote {path}")
+    return 1 if any(aot.failures(r) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

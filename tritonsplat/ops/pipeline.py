@@ -79,41 +79,18 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
     densify_grad = None
     if options.densify_channels is not None:
         densify_grad = torch.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
-    # ---- compositing (the compositor's block) ----
-    colors = first_channels_learn(colors, options.color_grad_channels)
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),
-            tiles.tile_ranges, tiles.gaussian_ids, settings, absgrad=options.absgrad,
+            tiles.tile_ranges, tiles.gaussian_ids, settings, outputs=options.outputs, absgrad=options.absgrad,
             densify_channels=options.densify_channels, densify_grad=densify_grad,
-            deterministic=options.deterministic, means2d_for_absgrad=means2d if options.absgrad else None)
-    images = {"colors": rendered.colors, "alphas": rendered.alphas,
-              "depths": _expected_depth(rendered.depth_sums, rendered.alphas),
-              "median_depths": rendered.median_depths}
-    # ---- end of the compositor's block ----
+            color_grad_channels=options.color_grad_channels, deterministic=options.deterministic,
+            means2d_for_absgrad=means2d if options.absgrad else None)
 
-    def out(name):
-        tensor = images[name] if name in options.outputs else None
+    def out(tensor):
         return tensor if tensor is None or tensor.dtype == output_dtype else tensor.to(output_dtype)
 
     return RasterizeOutput(
-        colors=out("colors"), alphas=out("alphas"), depths=out("depths"), median_depths=out("median_depths"),
-        radii=projected.radii, means2d=means2d, n_intersections=bins.n_intersections, densify_grad=densify_grad,
-        backend="triton", overflow=bins.overflow)
-
-
-def _expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i z_i / alpha where alpha > 0, else 0 (until the compositor normalises it itself)."""
-    covered = alphas > 0
-    return torch.where(covered, depth_sums / torch.where(covered, alphas, torch.ones_like(alphas)),
-                       torch.zeros_like(depth_sums))
-
-
-def first_channels_learn(colors: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """colors, with gradients reaching only colors[..., :channels] (same forward values, exactly:
-    c + (c - c) * mask adds an exact zero); geometry gradients still see every channel."""
-    if channels is None or channels >= colors.shape[-1] or not colors.requires_grad:
-        return colors
-    mask = (torch.arange(colors.shape[-1], device=colors.device) < channels).to(colors.dtype)
-    frozen = colors.detach()
-    return frozen + (colors - frozen) * mask
+        colors=out(rendered.colors), alphas=out(rendered.alphas), depths=out(rendered.depths),
+        median_depths=out(rendered.median_depths), radii=projected.radii, means2d=means2d,
+        n_intersections=bins.n_intersections, densify_grad=densify_grad, backend="triton", overflow=bins.overflow)
