@@ -9,7 +9,6 @@ import torch
 
 from . import constants
 from .backends import resolve_backend
-from .profiling import stage
 from .settings import RenderSettings, standard_clamp_limits
 from .validation import validate_rasterize_inputs
 
@@ -29,8 +28,8 @@ class RasterizeOutput:
         means2d: [C, N, 2] pixel coordinates of the projected means. After backward, `.grad` holds
             the screen-space gradient used for densification (pixel units; the original's NDC
             threshold 2e-4 corresponds to this times (W/2, H/2)); with absgrad=True also `.absgrad`.
-        n_intersections: tile-Gaussian pairs produced by the backend's binning (the torch backend,
-            which composites Gaussian-pixel pairs, reports the tile pairs of its radius boxes).
+        n_intersections: tile-Gaussian pairs produced by the backend's binning (both backends bin with
+            the same exact ellipse-tile test, so the counts agree up to float rounding at the level set).
         densify_grad: with densify_channels=k, [C, N, 2] filled by backward with the screen-space
             gradient from the upstream gradient of colors[..., :k] alone; else None.
         backend: the backend that ran ("torch" or "triton").
@@ -158,44 +157,15 @@ def rasterize(
                         densify_channels=densify_channels, deterministic=deterministic)
 
 
-def render_torch(inputs, settings: RenderSettings, clamp_limits: torch.Tensor, *, absgrad: bool,
+def render_torch(inputs, settings: RenderSettings, clamp_limits: torch.Tensor | None, *, absgrad: bool,
                  densify_channels: int | None, deterministic: bool, covars: torch.Tensor | None = None,
                  means2d_hook=None) -> RasterizeOutput:
-    """The torch backend's pipeline: project, box pairs, composite, normalise depth.
+    """Compatibility forwarder to `reference.pipeline.render_torch(inputs, settings, options, ...)`."""
+    from .reference.pipeline import render_torch as pipeline
+    from .types import RenderOptions
 
-    `covars` ([N, 6]) replaces quats/scales and `means2d_hook(means2d) -> means2d` may re-route the
-    screen-space means (both used by tritonsplat.compat).
-    """
-    from .reference.binning import count_box_tiles, pixel_boxes
-    from .reference.compositing import composite
-    from .reference.projection import project_gaussians
-
-    with stage("projection"):
-        projected = project_gaussians(
-            inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
-            clamp_limits, settings, covars=covars,
-            sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
-    colors = projected.colors if inputs.sh_degree is not None else inputs.colors
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
-    with stage("binning"):
-        boxes = pixel_boxes(means2d.detach(), projected.radii, settings)
-        n_intersections = count_box_tiles(boxes, settings)
-    densify_grad = None
-    if densify_channels is not None:
-        densify_grad = torch.zeros_like(means2d, requires_grad=False)
-    with stage("compositing"):
-        rendered = composite(composite_means2d, projected.conics, inputs.opacities, colors, projected.depths,
-                             inputs.backgrounds, boxes, settings, absgrad=absgrad,
-                             densify_channels=densify_channels, densify_grad=densify_grad,
-                             deterministic=deterministic)
-    return RasterizeOutput(
-        colors=rendered.colors, alphas=rendered.alphas,
-        depths=expected_depth(rendered.depth_sums, rendered.alphas),
-        median_depths=rendered.median_depths, radii=projected.radii, means2d=means2d,
-        n_intersections=n_intersections, densify_grad=densify_grad, backend="torch")
+    options = RenderOptions(absgrad=absgrad, densify_channels=densify_channels, deterministic=deterministic)
+    return pipeline(inputs, settings, options, clamp_limits=clamp_limits, covars=covars, means2d_hook=means2d_hook)
 
 
 def expected_depth(depth_sums: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
