@@ -30,18 +30,29 @@ from typing import NamedTuple
 
 import torch
 
-from .. import constants
+from .. import constants, types
 from ..profiling import backward_stage
 from ..settings import RenderSettings
-from ..types import ALL_OUTPUTS, CompositeOutput, CompositeState
+from ..types import ALL_OUTPUTS, CompositeState
 
 # Entries per chunk and tiles per batch. Measured on a 2-core CPU (AMD EPYC, torch 2.13, float32),
 # forward + backward of the bench `random` 50k scene at 640x360 and the basketball early-fit scene
 # (8.4k Gaussians, 160x90, D = 6): see DEFAULT_CHUNK_ENTRIES_NOTE below for the numbers.
 DEFAULT_CHUNK_ENTRIES = 32
 DEFAULT_TILE_BATCH = 128
+DEFAULT_SUB_TILE = 8
 
 LOG_TRANSMITTANCE_STOP = math.log(constants.TRANSMITTANCE_STOP)
+
+
+class CompositeOutput(NamedTuple):
+    """The former compositor output (un-normalised depth sums), still built by the current
+    `ops.compositing`; this module returns `types.CompositeOutput`. Delete once nothing imports it."""
+
+    colors: torch.Tensor         # [C, H, W, D]
+    alphas: torch.Tensor         # [C, H, W, 1]
+    depth_sums: torch.Tensor     # [C, H, W, 1] sum_i alpha_i T_i z_i (not normalised)
+    median_depths: torch.Tensor  # [C, H, W, 1]
 
 
 def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
@@ -79,7 +90,7 @@ def _tile_grid(tile_size: int, device, dtype) -> _TileGrid:
 class _Entries(NamedTuple):
     """Per-entry data of one chunk, [A, K] (colours [A, K, D])."""
 
-    index: torch.Tensor      # [A, K] int64 position in sorted_ids
+    index: torch.Tensor      # [A, K] int64 position in sorted_ids (increasing along K)
     valid: torch.Tensor      # [A, K] bool, index < end
     row: torch.Tensor        # [A, K] int64 c * N + g (0 where invalid)
     mean_x: torch.Tensor     # [A, K] relative to the tile origin
@@ -109,12 +120,14 @@ def _flat_inputs(means2d, conics, opacities, colors, depths) -> _Inputs:
                    colors if shared else colors.reshape(-1, colors.shape[-1]), depths.reshape(-1), n, shared)
 
 
-def _gather_entries(flat: _Inputs, sorted_ids, start, end, chunk, k_entries, origin_x, origin_y) -> _Entries:
-    """Entries [start + chunk K, ... + K) of each active tile (start, end, chunk, origins: [A])."""
+def _gather_entries(flat: _Inputs, sorted_ids, entry_index, start, end, chunk, k_entries, origin_x,
+                    origin_y) -> _Entries:
+    """Entries [start + chunk K, ... + K) of each active sub-tile's list (start, end, chunk, origins: [A])."""
     offsets = torch.arange(k_entries, device=start.device)
-    index = (start + chunk * k_entries)[:, None] + offsets[None, :]
-    valid = index < end[:, None]
-    row = torch.where(valid, sorted_ids[torch.where(valid, index, 0)].to(torch.int64), 0)
+    local = (start + chunk * k_entries)[:, None] + offsets[None, :]
+    valid = local < end[:, None]
+    index = entry_index[torch.where(valid, local, 0)] if entry_index.numel() else local
+    row = torch.where(valid, sorted_ids[index].to(torch.int64), 0) if sorted_ids.numel() else local
     means = flat.means[row]
     conics = flat.conics[row]
     opacity = torch.where(valid, flat.opacities[row % flat.n_gaussians], 0)
@@ -142,46 +155,109 @@ def _chunk_alpha(entries: _Entries, grid: _TileGrid, alpha_cap: float) -> _Chunk
     return _ChunkAlpha(dx, dy, gaussian_alpha, alpha.mul_(used))
 
 
+class _Grid(NamedTuple):
+    """The compositor's own grid of S x S sub-tiles over the padded image (S divides the tile size)."""
+
+    size: int       # S
+    tiles_x: int    # sub-tiles per row, tiles_x * tile_size / S
+    tiles_y: int
+    per_tile: int   # sub-tiles per side of one binning tile
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles_x * self.tiles_y
+
+
+def _grid(settings: RenderSettings, sub_tile: int) -> _Grid:
+    size = sub_tile if settings.tile_size % sub_tile == 0 else settings.tile_size
+    per_tile = settings.tile_size // size
+    return _Grid(size, settings.tiles_x * per_tile, settings.tiles_y * per_tile, per_tile)
+
+
 class _Layout(NamedTuple):
-    """Bins (camera, tile) with at least one entry, and their geometry."""
+    """Sub-tile lists: each binning tile's sorted list filtered, per S x S sub-tile, by the exact
+    ellipse test of binning (the alpha >= 1/255 level set, with binning's margin, against the
+    sub-tile's pixel-centre rectangle). An entry dropped for a sub-tile has alpha < 1/255 at all its
+    pixels, so the images are unchanged; the walk per pixel shrinks to the entries near it."""
 
-    bins: torch.Tensor      # [B] int64 bin index c * n_tiles + tile
-    start: torch.Tensor     # [B] int64
-    end: torch.Tensor       # [B] int64
-    origin_x: torch.Tensor  # [B] float tile origin in pixels
+    bins: torch.Tensor         # [B] int64 non-empty sub-bins c * n_sub + sub-tile
+    start: torch.Tensor        # [B] int64 into entry_index
+    end: torch.Tensor          # [B] int64
+    entry_index: torch.Tensor  # [E] int64 position in sorted_ids, increasing within each sub-bin
+    origin_x: torch.Tensor     # [B] float sub-tile origin in pixels
     origin_y: torch.Tensor
-    inside: torch.Tensor    # [B, P] bool pixel inside the image
+    inside: torch.Tensor       # [B, P] bool pixel inside the image
 
 
-def _layout(tile_ranges, settings: RenderSettings, dtype) -> _Layout:
+# Entries filtered per sub-tile in one piece (bounds the [entries, sub-tiles] temporaries).
+FILTER_PIECE = 1 << 18
+
+
+@torch.no_grad()
+def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, grid: _Grid) -> _Layout:
+    from .binning import ellipse_levels, min_quadratic_on_rectangles
+
+    device, dtype = flat.means.device, flat.means.dtype
     ranges = tile_ranges.to(torch.int64)
-    bins = torch.nonzero(ranges[:, 1] > ranges[:, 0]).squeeze(1)
-    start, end = ranges[bins, 0], ranges[bins, 1]
-    ts = settings.tile_size
-    tile = bins % settings.n_tiles
-    tx, ty = tile % settings.tiles_x, torch.div(tile, settings.tiles_x, rounding_mode="floor")
-    p = torch.arange(ts * ts, device=bins.device)
-    px = tx[:, None] * ts + (p % ts)[None, :]
-    py = ty[:, None] * ts + torch.div(p, ts, rounding_mode="floor")[None, :]
+    counts = (ranges[:, 1] - ranges[:, 0]).clamp_min(0)
+    bin_of_entry = torch.repeat_interleave(torch.arange(ranges.shape[0], device=device), counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    position = torch.arange(bin_of_entry.numel(), device=device) - offsets[bin_of_entry] + ranges[bin_of_entry, 0]
+    ts, s, per = settings.tile_size, grid.size, grid.per_tile
+    local = torch.arange(per * per, device=device)
+    local_x, local_y = (local % per) * s, torch.div(local, per, rounding_mode="floor") * s   # [S2] offsets
+    kept_entry, kept_bin = [], []
+    for first in range(0, position.numel(), FILTER_PIECE):
+        piece = slice(first, first + FILTER_PIECE)
+        tile_bin, pos = bin_of_entry[piece], position[piece]
+        row = sorted_ids[pos].to(torch.int64)
+        camera = torch.div(tile_bin, settings.n_tiles, rounding_mode="floor")
+        tile = tile_bin % settings.n_tiles
+        x0 = (tile % settings.tiles_x * ts)[:, None] + local_x                        # [e, S2] int
+        y0 = (torch.div(tile, settings.tiles_x, rounding_mode="floor") * ts)[:, None] + local_y
+        x_range = ((x0 + 0.5).to(dtype), (torch.clamp_max(x0 + s, settings.width) - 0.5).to(dtype))
+        y_range = ((y0 + 0.5).to(dtype), (torch.clamp_max(y0 + s, settings.height) - 0.5).to(dtype))
+        q_min = min_quadratic_on_rectangles(flat.conics[row][:, None, :], flat.means[row][:, None, :],
+                                            x_range, y_range)
+        hit = (q_min <= ellipse_levels(flat.opacities[row % flat.n_gaussians])[:, None])
+        hit &= (x0 < settings.width) & (y0 < settings.height)
+        entry, sub = torch.nonzero(hit, as_tuple=True)
+        sub_x = torch.div(x0[entry, sub], s, rounding_mode="floor")
+        sub_y = torch.div(y0[entry, sub], s, rounding_mode="floor")
+        kept_bin.append(camera[entry] * grid.n_tiles + sub_y * grid.tiles_x + sub_x)
+        kept_entry.append(pos[entry])
+    sub_bin = torch.cat(kept_bin) if kept_bin else torch.zeros(0, dtype=torch.int64, device=device)
+    entry_index = torch.cat(kept_entry) if kept_entry else sub_bin
+    # Group by sub-bin; within one, positions stay increasing (the pieces and nonzero keep entry order).
+    sub_bin, order = torch.sort(sub_bin, stable=True)
+    entry_index = entry_index[order]
+    bins, sizes = torch.unique_consecutive(sub_bin, return_counts=True)
+    end = torch.cumsum(sizes, 0)
+    start = end - sizes
+    sub_tile = bins % grid.n_tiles
+    gx, gy = sub_tile % grid.tiles_x, torch.div(sub_tile, grid.tiles_x, rounding_mode="floor")
+    p = torch.arange(s * s, device=device)
+    px = gx[:, None] * s + (p % s)[None, :]
+    py = gy[:, None] * s + torch.div(p, s, rounding_mode="floor")[None, :]
     inside = (px < settings.width) & (py < settings.height)
-    return _Layout(bins, start, end, (tx * ts).to(dtype), (ty * ts).to(dtype), inside)
+    return _Layout(bins, start, end, entry_index, (gx * s).to(dtype), (gy * s).to(dtype), inside)
 
 
-def _to_tiles(image: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
-    """[C, H, W, X] -> [C * n_tiles, P, X] (zero padding beyond the image)."""
+def _to_tiles(image: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    """[C, H, W, X] -> [C * n_sub, P, X] (zero padding beyond the image)."""
     c, h, w, x = image.shape
-    ts, tiles_x, tiles_y = settings.tile_size, settings.tiles_x, settings.tiles_y
-    padded = torch.nn.functional.pad(image, (0, 0, 0, tiles_x * ts - w, 0, tiles_y * ts - h))
-    return padded.reshape(c, tiles_y, ts, tiles_x, ts, x).permute(0, 1, 3, 2, 4, 5).reshape(
-        c * tiles_y * tiles_x, ts * ts, x)
+    s = grid.size
+    padded = torch.nn.functional.pad(image, (0, 0, 0, grid.tiles_x * s - w, 0, grid.tiles_y * s - h))
+    return padded.reshape(c, grid.tiles_y, s, grid.tiles_x, s, x).permute(0, 1, 3, 2, 4, 5).reshape(
+        c * grid.n_tiles, s * s, x)
 
 
-def _to_image(tiles: torch.Tensor, n_cameras: int, settings: RenderSettings) -> torch.Tensor:
-    """[C * n_tiles, P, X] -> [C, H, W, X]."""
-    ts, tiles_x, tiles_y = settings.tile_size, settings.tiles_x, settings.tiles_y
+def _to_image(tiles: torch.Tensor, n_cameras: int, grid: _Grid, settings: RenderSettings) -> torch.Tensor:
+    """[C * n_sub, P, X] -> [C, H, W, X]."""
+    s = grid.size
     x = tiles.shape[-1]
-    image = tiles.reshape(n_cameras, tiles_y, tiles_x, ts, ts, x).permute(0, 1, 3, 2, 4, 5).reshape(
-        n_cameras, tiles_y * ts, tiles_x * ts, x)
+    image = tiles.reshape(n_cameras, grid.tiles_y, grid.tiles_x, s, s, x).permute(0, 1, 3, 2, 4, 5).reshape(
+        n_cameras, grid.tiles_y * s, grid.tiles_x * s, x)
     return image[:, :settings.height, :settings.width]
 
 
@@ -197,12 +273,12 @@ class _ForwardResult(NamedTuple):
 
 
 @torch.no_grad()
-def _forward_tiles(flat: _Inputs, sorted_ids, layout: _Layout, n_bins: int, settings: RenderSettings,
+def _forward_tiles(flat: _Inputs, sorted_ids, layout: _Layout, n_bins: int, settings: RenderSettings, grid: _Grid,
                    want_median: bool, chunk_entries: int, tile_batch: int) -> _ForwardResult:
     device, dtype = flat.means.device, flat.means.dtype
     n_channels = flat.colors.shape[-1]
-    p = settings.tile_size ** 2
-    grid = _tile_grid(settings.tile_size, device, dtype)
+    p = grid.size ** 2
+    pixels = _tile_grid(grid.size, device, dtype)
     sums = torch.zeros(n_bins, p, n_channels + 2, device=device, dtype=dtype)
     final = torch.ones(n_bins, p, device=device, dtype=dtype)
     last = torch.full((n_bins, p), -1, device=device, dtype=torch.int32)
@@ -222,9 +298,9 @@ def _forward_tiles(flat: _Inputs, sorted_ids, layout: _Layout, n_bins: int, sett
         active = torch.arange(n, device=device)
         chunk = 0
         while active.numel():
-            entries = _gather_entries(flat, sorted_ids, start[active], end[active], chunk, chunk_entries,
-                                      origin_x[active], origin_y[active])
-            geometry = _chunk_alpha(entries, grid, settings.alpha_cap)
+            entries = _gather_entries(flat, sorted_ids, layout.entry_index, start[active], end[active], chunk,
+                                      chunk_entries, origin_x[active], origin_y[active])
+            geometry = _chunk_alpha(entries, pixels, settings.alpha_cap)
             alpha = geometry.alpha
             t_in = carried[active]                                            # [A, P]
             after = torch.cumprod(1 - alpha, dim=1).mul_(t_in[:, None, :])    # [A, K, P]
@@ -239,7 +315,7 @@ def _forward_tiles(flat: _Inputs, sorted_ids, layout: _Layout, n_bins: int, sett
             stopped = (~passing).any(dim=1) & (t_in > 0)                      # some used entry failed the stop
             last_in_chunk = torch.where(blended, chunk_offsets[None, :, None], -1).amax(dim=1)
             batch_last.index_copy_(0, active, torch.where(
-                last_in_chunk >= 0, entries.index[:, :1] + last_in_chunk, batch_last[active]))
+                last_in_chunk >= 0, torch.gather(entries.index, 1, last_in_chunk.clamp_min(0)), batch_last[active]))
             if want_median:
                 crossed = (t_in >= constants.MEDIAN_TRANSMITTANCE) & (t_out < constants.MEDIAN_TRANSMITTANCE)
                 if bool(crossed.any()):
@@ -269,6 +345,7 @@ class _Options(NamedTuple):
     deterministic: bool
     chunk_entries: int
     tile_batch: int
+    sub_tile: int
 
 
 class _CompositeFunction(torch.autograd.Function):
@@ -295,13 +372,13 @@ class _CompositeFunction(torch.autograd.Function):
         settings = options.settings
         n_cameras = means2d.shape[0]
         flat = _flat_inputs(means2d, conics, opacities, colors, depths)
-        layout = _layout(tile_ranges, settings, means2d.dtype)
-        n_bins = n_cameras * settings.n_tiles
-        result = _forward_tiles(flat, sorted_ids, layout, n_bins, settings, "median_depths" in options.outputs,
-                                options.chunk_entries, options.tile_batch)
+        grid = _grid(settings, options.sub_tile)
+        layout = _layout(tile_ranges, sorted_ids, flat, settings, grid)
+        result = _forward_tiles(flat, sorted_ids, layout, n_cameras * grid.n_tiles, settings, grid,
+                                "median_depths" in options.outputs, options.chunk_entries, options.tile_batch)
         n_channels = flat.colors.shape[-1]
-        image = _to_image(result.sums, n_cameras, settings)                  # [C, H, W, D + 2]
-        final = _to_image(result.final[..., None], n_cameras, settings)      # [C, H, W, 1]
+        image = _to_image(result.sums, n_cameras, grid, settings)                  # [C, H, W, D + 2]
+        final = _to_image(result.final[..., None], n_cameras, grid, settings)      # [C, H, W, 1]
         colors_out = image[..., :n_channels]
         if backgrounds is not None:
             colors_out = colors_out + final * backgrounds[:, None, None, :]
@@ -311,11 +388,12 @@ class _CompositeFunction(torch.autograd.Function):
         depths_out = torch.where(covered, depth_sums / torch.where(covered, alphas, 1), 0)
         median = None
         if result.median is not None:
-            median = _to_image(result.median[..., None], n_cameras, settings).contiguous()
+            median = _to_image(result.median[..., None], n_cameras, grid, settings).contiguous()
             ctx.mark_non_differentiable(median)
         ctx.save_for_backward(means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids,
                               result.final, result.last, alphas, depths_out)
         ctx.options, ctx.densify_grad, ctx.means2d_for_absgrad = options, densify_grad, means2d_for_absgrad
+        ctx.grid, ctx.layout = grid, layout
         return colors_out.contiguous(), alphas, depths_out.contiguous(), median
 
     @staticmethod
@@ -355,11 +433,12 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         background_dot = torch.zeros_like(grad_alphas)
         background_dot_k = torch.zeros_like(grad_alphas) if k is not None else None
     # Per-pixel upstream in tile layout: [g_C (D), g_S, T_final (g_C . bg - g_A), (T_final g_C_k . bg_k)].
-    final_image = _to_image(final_tiles[..., None], n_cameras, settings)
+    grid, layout = ctx.grid, ctx.layout
+    final_image = _to_image(final_tiles[..., None], n_cameras, grid, settings)
     pixel_terms = [grad_colors, grad_depth_sums, final_image * (background_dot - grad_alphas)]
     if k is not None:
         pixel_terms.append(final_image * background_dot_k)
-    pixel = _to_tiles(torch.cat(pixel_terms, dim=-1), settings)           # [B_all, P, D + 2 (+ 1)]
+    pixel = _to_tiles(torch.cat(pixel_terms, dim=-1), grid)           # [B_all, P, D + 2 (+ 1)]
 
     rows = n_cameras * n
     grad_means = torch.zeros(rows, 2, dtype=torch.float64, device=device)
@@ -370,16 +449,20 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     grad_abs = torch.zeros(rows, 2, dtype=dtype, device=device) if options.absgrad else None
     grad_densify = torch.zeros(rows, 2, dtype=torch.float64, device=device) if k is not None else None
 
-    layout = _layout(tile_ranges, settings, dtype)
-    grid = _tile_grid(settings.tile_size, device, dtype)
+    pixels = _tile_grid(grid.size, device, dtype)
     k_entries = options.chunk_entries
     det = options.deterministic
-    for first in range(0, layout.bins.numel(), options.tile_batch):
+    # Entries of each sub-list up to the sub-tile's last blended one (positions increase along a list).
+    n_sub_bins = layout.bins.numel()
+    bin_of_entry = torch.repeat_interleave(torch.arange(n_sub_bins, device=device), layout.end - layout.start)
+    max_last = last_tiles[layout.bins].amax(dim=1).to(torch.int64) if n_sub_bins else layout.start
+    walked_all = torch.bincount(bin_of_entry[layout.entry_index <= max_last[bin_of_entry]], minlength=n_sub_bins)
+    for first in range(0, n_sub_bins, options.tile_batch):
         batch = slice(first, first + options.tile_batch)
         bins, start, end = layout.bins[batch], layout.start[batch], layout.end[batch]
         origin_x, origin_y = layout.origin_x[batch], layout.origin_y[batch]
         last = last_tiles[bins].to(torch.int64)                               # [T, P]
-        walked = last.amax(dim=1) + 1 - start                                 # entries up to the last blended
+        walked = walked_all[batch]
         n_chunks = torch.where(walked > 0, torch.div(walked + k_entries - 1, k_entries, rounding_mode="floor"), 0)
         tile_pixel = pixel[bins]
         current = final_tiles[bins].clone()                                   # T after the chunk
@@ -388,9 +471,9 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         for step in range(int(n_chunks.max()) if n_chunks.numel() else 0):
             active = torch.nonzero(n_chunks > step).squeeze(1)
             chunk = n_chunks[active] - 1 - step
-            entries = _gather_entries(flat, sorted_ids, start[active], end[active], chunk, k_entries,
-                                      origin_x[active], origin_y[active])
-            geometry = _chunk_alpha(entries, grid, settings.alpha_cap)
+            entries = _gather_entries(flat, sorted_ids, layout.entry_index, start[active], end[active], chunk,
+                                      k_entries, origin_x[active], origin_y[active])
+            geometry = _chunk_alpha(entries, pixels, settings.alpha_cap)
             blended = entries.index[..., None] <= last[active][:, None, :]
             alpha = geometry.alpha.mul_(blended)                              # [A, K, P]
             one_minus_alpha = 1 - alpha
@@ -412,7 +495,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             current.index_copy_(0, active, before[:, 0])
 
             row = entries.row.reshape(-1)
-            moments = _pixel_moments(grad_sigma, grid)                        # [A, K, 6] float64
+            moments = _pixel_moments(grad_sigma, pixels)                        # [A, K, 6] float64
             grad_mean, grad_conic = _mean_and_conic_gradients(moments, entries)
             scatter_add(grad_means, row, grad_mean.reshape(-1, 2), det)
             scatter_add(grad_conics, row, grad_conic.reshape(-1, 3), det)
@@ -438,7 +521,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
                                                        ) / one_minus_alpha
                 grad_sigma_k = torch.where(below_cap, -geometry.gaussian_alpha * grad_alpha_k, 0)
                 behind_k.index_copy_(0, active, behind_k[active] + contribution_k.sum(1))
-                moments_k = _pixel_moments(grad_sigma_k, grid)
+                moments_k = _pixel_moments(grad_sigma_k, pixels)
                 scatter_add(grad_densify, row, _mean_and_conic_gradients(moments_k, entries)[0].reshape(-1, 2), det)
 
     kc = options.color_grad_channels
@@ -495,7 +578,8 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
               densify_channels: int | None = None, densify_grad: torch.Tensor | None = None,
               color_grad_channels: int | None = None, deterministic: bool = False,
               means2d_for_absgrad: torch.Tensor | None = None,
-              chunk_entries: int = DEFAULT_CHUNK_ENTRIES, tile_batch: int = DEFAULT_TILE_BATCH) -> CompositeOutput:
+              chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+              tile_batch: int = DEFAULT_TILE_BATCH, sub_tile: int = DEFAULT_SUB_TILE) -> types.CompositeOutput:
     """Blend the depth-sorted tile lists front to back into C images (differentiable, hand-written backward).
 
     Torch twin of `tritonsplat.ops.compositing.composite`; the contract (inputs, blending rule, saved
@@ -521,22 +605,24 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
     if absgrad and means2d_for_absgrad is None:
         means2d_for_absgrad = means2d
     options = _Options(settings, tuple(outputs), absgrad, densify_channels, color_grad_channels, deterministic,
-                       chunk_entries, tile_batch)
+                       chunk_entries, tile_batch, sub_tile)
     colors_out, alphas, depths_out, median = _CompositeFunction.apply(
         means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids, options, densify_grad,
         means2d_for_absgrad if absgrad else None)
     images = {"colors": colors_out, "alphas": alphas, "depths": depths_out, "median_depths": median}
-    return CompositeOutput(*(images[name] if name in options.outputs else None for name in CompositeOutput._fields))
+    return types.CompositeOutput(*(images[name] if name in options.outputs else None
+                                   for name in types.CompositeOutput._fields))
 
 
 @torch.no_grad()
 def composite_state(means2d, conics, opacities, colors, depths, tile_ranges, sorted_ids, settings: RenderSettings,
                     *, chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
-                    tile_batch: int = DEFAULT_TILE_BATCH) -> CompositeState:
+                    tile_batch: int = DEFAULT_TILE_BATCH, sub_tile: int = DEFAULT_SUB_TILE) -> CompositeState:
     """The state the forward saves for backward, in image layout (final T [C,H,W], last index [C,H,W] int32)."""
     flat = _flat_inputs(means2d, conics, opacities, colors, depths)
     n_cameras = means2d.shape[0]
-    result = _forward_tiles(flat, sorted_ids, _layout(tile_ranges, settings, means2d.dtype),
-                            n_cameras * settings.n_tiles, settings, False, chunk_entries, tile_batch)
-    return CompositeState(_to_image(result.final[..., None], n_cameras, settings)[..., 0].contiguous(),
-                          _to_image(result.last[..., None], n_cameras, settings)[..., 0].contiguous())
+    grid = _grid(settings, sub_tile)
+    result = _forward_tiles(flat, sorted_ids, _layout(tile_ranges, sorted_ids, flat, settings, grid),
+                            n_cameras * grid.n_tiles, settings, grid, False, chunk_entries, tile_batch)
+    return CompositeState(_to_image(result.final[..., None], n_cameras, grid, settings)[..., 0].contiguous(),
+                          _to_image(result.last[..., None], n_cameras, grid, settings)[..., 0].contiguous())
