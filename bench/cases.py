@@ -8,6 +8,16 @@ origin looking down +z with fx = fy = 0.8 W and the principal point at the image
 `original`: the original renderer's published setting, the `random` scene with 300k Gaussians at
 640x360 (850 fps on an RTX 3090); the grid's sizes and resolutions do not apply to it.
 
+`basketball-early`: the start of a fit on real data, the scene a new user meets first. Panoptic
+basketball (`basketball-early:DATA`, DATA defaulting to ../shared/data/panoptic/basketball), frame 0
+downscaled 4x (160x90), the visual-hull initial points of `data_tools.build_init_points` (8,441 on
+that data) with the original's initial parameters (Luiten et al. 2024, `initialize_params`):
+isotropic scales sqrt(mean squared distance to the 3 nearest neighbours), identity rotations,
+opacity sigmoid(0) = 0.5, colours RGB + segmentation (seg, 0, 1 - seg), D = 6; training camera 0.
+The grid's sizes and resolutions do not apply; `extra["rasterize_kwargs"]` holds the keywords a
+tracking step renders it with (densify_channels=3 and its background). Skipped with the reason when
+the data or `data_tools` is absent.
+
 `fitted`: a scene with the large, flat, anisotropic, mostly opaque Gaussians of a fitted scene.
 - `fitted` (default): derived from the `data-tools synth` geometry without fitting: N points on the
   surfaces of the synthetic scene's objects at t = 0 (half, by area) and on its floor (half), each a
@@ -354,6 +364,60 @@ def _tracking_run_camera(run, means: torch.Tensor, width: int, height: int) -> t
     return viewmat[None], Ks
 
 
+# ----------------------------------------------------------------------------- basketball early fit
+BASKETBALL_DEFAULT_DATA = "../shared/data/panoptic/basketball"
+BASKETBALL_DOWNSCALE = 4
+BASKETBALL_SCALE_NEIGHBOURS = 3
+BASKETBALL_MIN_MEAN_SQ_DISTANCE = 1e-7    # the original's clip of the mean squared neighbour distance
+
+
+def _mean_squared_neighbour_distance(points: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """Exact mean squared distance of each of [N, 3] points to its k nearest others (blocks of rows)."""
+    out = []
+    for first in range(0, points.shape[0], block):
+        d2 = torch.cdist(points[first:first + block], points).square()
+        d2[torch.arange(d2.shape[0]), torch.arange(first, first + d2.shape[0])] = float("inf")
+        out.append(d2.topk(k, dim=1, largest=False).values.mean(1))
+    return torch.cat(out)
+
+
+def basketball_early_scene(data: str | None = None, *, device="cpu", dtype=torch.float32) -> SceneInputs:
+    """The `basketball-early` case (see the module docstring)."""
+    from pathlib import Path
+
+    path = Path(data or BASKETBALL_DEFAULT_DATA)
+    if not path.exists():
+        raise CaseUnavailable(f"basketball-early: no data at {path} (pass basketball-early:/path/to/basketball)")
+    try:
+        import data_tools
+    except Exception as error:
+        raise CaseUnavailable(f"basketball-early: data_tools does not import ({type(error).__name__}: {error})"
+                              ) from error
+    seq = data_tools.load(path, downscale=BASKETBALL_DOWNSCALE, frames=[0])
+    points = torch.from_numpy(data_tools.build_init_points(seq, 0)).to(torch.float64)
+    xyz, rgb, seg = points[:, :3], points[:, 3:6], points[:, 6:7]
+    mean_sq = _mean_squared_neighbour_distance(xyz, BASKETBALL_SCALE_NEIGHBOURS).clamp_min(
+        BASKETBALL_MIN_MEAN_SQ_DISTANCE)
+    n = xyz.shape[0]
+    scales = mean_sq.sqrt()[:, None].expand(n, 3).contiguous()
+    quats = torch.zeros(n, 4, dtype=torch.float64)
+    quats[:, 0] = 1.0
+    opacities = torch.full((n,), 0.5, dtype=torch.float64)
+    colors = torch.cat([rgb, seg, torch.zeros_like(seg), 1 - seg], dim=1)
+    camera = seq.train_cameras[0]
+    viewmats = torch.as_tensor(camera.w2c, dtype=torch.float64)[None]
+    Ks = torch.as_tensor(camera.K, dtype=torch.float64)[None]
+    background = torch.zeros(1, 6, dtype=torch.float64)
+    if seq.background is not None:
+        background[0, :3] = torch.as_tensor(seq.background, dtype=torch.float64)
+    tensors = [t.to(device=device, dtype=dtype) for t in (xyz, quats, scales, opacities, colors, viewmats, Ks)]
+    return SceneInputs(*tensors, width=int(camera.width), height=int(camera.height),
+                       description=f"basketball-early: {path}, frame 0, downscale {BASKETBALL_DOWNSCALE}, "
+                                   f"visual-hull start, {n} Gaussians, D = 6, training camera 0",
+                       extra={"source": str(path), "rasterize_kwargs": {
+                           "densify_channels": 3, "backgrounds": background.to(device=device, dtype=dtype)}})
+
+
 # ----------------------------------------------------------------------------- registry
 def _build_random(n_gaussians, width, height, *, device="cpu", argument=None) -> SceneInputs:
     return random_scene(n_gaussians, width, height, device=device)
@@ -373,12 +437,20 @@ def _build_fitted(n_gaussians, width, height, *, device="cpu", argument=None) ->
     return fitted_synth_scene(n_gaussians, width, height, device=device)
 
 
+def _build_basketball_early(n_gaussians, width, height, *, device="cpu", argument=None) -> SceneInputs:
+    return basketball_early_scene(argument, device=device)
+
+
 CASES: dict[str, Case] = {
     "random": Case("random", _build_random, "uniform in the frustum at 2-6 m, mean 3-sigma radius ~4 px, seed 0"),
     "original": Case("original", _build_original, "the original's setting: random, 300k Gaussians at 640x360",
                      fixed_n_gaussians=300_000, fixed_resolution=(640, 360)),
     "fitted": Case("fitted", _build_fitted, "large flat anisotropic Gaussians on the synth scene's surfaces "
                    "(fitted:/path/to/run for a tracking run)", takes_argument=True),
+    "basketball-early": Case("basketball-early", _build_basketball_early,
+                             "Panoptic basketball frame 0 at 160x90, visual-hull start, D = 6 "
+                             "(basketball-early:/path/to/basketball)",
+                             fixed_n_gaussians=8441, fixed_resolution=(160, 90), takes_argument=True),
 }
 
 

@@ -106,60 +106,7 @@ def render(backend: str, inputs: RasterizeInputs, settings: RenderSettings, opti
 
         return render_triton(inputs, settings, options, **keywords)
     if backend == "torch":
-        return _torch_pipeline()(resolve_pending_checks(inputs), settings, options, **keywords)
-    raise ValueError(f"backend: expected 'torch' or 'triton' (resolved by resolve_backend), got {backend!r}")
-
-
-def _torch_pipeline():
-    try:
         from .reference.pipeline import render_torch
-    except ImportError:     # until the torch twin lands: today's pipeline, adapted to the signature
-        return _render_torch_transitional
-    return render_torch
 
-
-def _render_torch_transitional(inputs: RasterizeInputs, settings: RenderSettings, options: RenderOptions, *,
-                               clamp_limits=None, covars=None, means2d_hook=None) -> RasterizeOutput:
-    """The torch backend's pipeline before `reference.pipeline`: project, box pairs, composite."""
-    from .profiling import stage
-    from .reference.binning import count_box_tiles, pixel_boxes
-    from .reference.compositing import composite
-    from .reference.projection import project_gaussians
-    from .settings import standard_clamp_limits
-
-    if clamp_limits is None:
-        clamp_limits = standard_clamp_limits(inputs.Ks, settings.width, settings.height)
-    with stage("projection"):
-        projected = project_gaussians(
-            inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
-            clamp_limits, settings, covars=covars,
-            sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
-    colors = projected.colors if inputs.sh_degree is not None else inputs.colors
-    if options.color_grad_channels is not None and options.color_grad_channels < colors.shape[-1]:
-        mask = (torch.arange(colors.shape[-1], device=colors.device) < options.color_grad_channels).to(colors.dtype)
-        colors = colors.detach() + (colors - colors.detach()) * mask     # same values; masked colour gradient
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
-    with stage("binning"):
-        boxes = pixel_boxes(means2d.detach(), projected.radii, settings)
-        n_intersections = count_box_tiles(boxes, settings)
-    densify_grad = None
-    if options.densify_channels is not None:
-        densify_grad = torch.zeros_like(means2d, requires_grad=False)
-    with stage("compositing"):
-        rendered = composite(composite_means2d, projected.conics, inputs.opacities, colors, projected.depths,
-                             inputs.backgrounds, boxes, settings, absgrad=options.absgrad,
-                             densify_channels=options.densify_channels, densify_grad=densify_grad,
-                             deterministic=options.deterministic)
-    covered = rendered.alphas > 0
-    depths = torch.where(covered, rendered.depth_sums / torch.where(covered, rendered.alphas,
-                                                                    torch.ones_like(rendered.alphas)),
-                         torch.zeros_like(rendered.depth_sums))
-    images = {"colors": rendered.colors, "alphas": rendered.alphas, "depths": depths,
-              "median_depths": rendered.median_depths}
-    return RasterizeOutput(
-        **{name: images[name] if name in options.outputs else None for name in images},
-        radii=projected.radii, means2d=means2d, n_intersections=n_intersections, densify_grad=densify_grad,
-        backend="torch")
+        return render_torch(resolve_pending_checks(inputs), settings, options, **keywords)
+    raise ValueError(f"backend: expected 'torch' or 'triton' (resolved by resolve_backend), got {backend!r}")

@@ -168,9 +168,9 @@ class RasterizeOutput:
         means2d: [C, N, 2] pixel coordinates of the projected means. After backward, `.grad` holds
             the screen-space gradient used for densification (pixel units; the original's NDC
             threshold 2e-4 corresponds to this times (W/2, H/2)); with absgrad=True also `.absgrad`.
-        n_intersections: tile-Gaussian pairs produced by the backend's binning (the torch backend,
-            which composites Gaussian-pixel pairs, reports the tile pairs of its radius boxes): an
-            int, or with `max_intersections=N` a 0-d int64 tensor on the device (no host read).
+        n_intersections: tile-Gaussian pairs produced by the backend's binning (both backends bin with
+            the same exact ellipse-tile test, so the counts agree up to float rounding at the level set):
+            an int, or with `max_intersections=N` a 0-d int64 tensor on the device (no host read).
         densify_grad: with densify_channels=k, [C, N, 2] filled by backward with the screen-space
             gradient from the upstream gradient of colors[..., :k] alone; else None.
         backend: the backend that ran ("torch" or "triton").

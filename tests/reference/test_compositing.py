@@ -1,74 +1,142 @@
-"""The torch compositor's hand-written backward: gradcheck, absgrad, densify_grad, chunking, cut-offs.
+"""The torch tile compositor vs a dense float64 brute force; its hand-written backward: gradcheck,
+absgrad, densify_grad, colour-gradient channels; chunking invariance; cut-offs; capacity-mode binning.
 
 Tolerances:
-| check                        | tolerance                      | why                                         |
-|------------------------------|--------------------------------|---------------------------------------------|
-| gradcheck (float64)          | eps 1e-7, atol 1e-6, rtol 1e-4 | central differences; scenes checked to stay |
-|                              |                                | >= 1e-4 away from 1/255, 0.99, 1e-4 cut-offs|
-| absgrad / densify_grad       | atol 1e-12, rtol 1e-10         | float64, same quantities summed differently |
-| chunked vs unchunked (fp32)  | atol 1e-6, rtol 1e-5           | same pairs and order; only the rounding of  |
-|                              |                                | the float64 band-wide log-T scan differs    |
+| check                          | tolerance                      | why                                         |
+|--------------------------------|--------------------------------|---------------------------------------------|
+| vs dense brute force (float64) | atol 1e-10, rtol 1e-9          | same rule in float64; only the order of the |
+|                                |                                | sums differs (chunked products, bmm)        |
+| last blended index             | exact                          | integer decision, scenes kept off cut-offs  |
+| gradcheck (float64)            | eps 1e-7, atol 1e-6, rtol 1e-4 | central differences; scenes checked to stay |
+|                                |                                | >= 1e-4 away from 1/255, 0.99, 1e-4 cut-offs|
+| absgrad / densify_grad         | atol 1e-12, rtol 1e-10         | float64, same quantities summed differently |
+| chunk / batch / sub-tile sizes | atol 1e-6, rtol 1e-5 (float32) | same entries and order; only the grouping   |
+|                                |                                | of float32 products and sums differs        |
 """
 
 import pytest
 import torch
 
-from tests.helpers import make_scene
-from tritonsplat.reference.binning import pixel_boxes
-from tritonsplat.reference.compositing import _pair_geometry, composite
+from tests.helpers import assert_close, make_scene
+from tritonsplat.reference.binning import bin_tiles
+from tritonsplat.reference.compositing import composite, composite_state
 from tritonsplat.reference.projection import project_gaussians
+from tritonsplat.reference.sorting import sort_intersections
 from tritonsplat.settings import RenderSettings, standard_clamp_limits
 
+SMALL = dict(chunk_entries=2, tile_batch=3, sub_tile=4)   # many chunks, batches and sub-tiles
 
-def _projected(scene):
-    settings = RenderSettings(scene.width, scene.height)
+
+def _projected(scene, tile_size=8):
+    settings = RenderSettings(scene.width, scene.height, tile_size=tile_size)
     limits = standard_clamp_limits(scene.Ks, scene.width, scene.height)
     p = project_gaussians(scene.means, scene.quats, scene.scales, scene.opacities, scene.viewmats,
                           scene.Ks, limits, settings)
-    boxes = pixel_boxes(p.means2d, p.radii, settings)
-    c = scene.viewmats.shape[0]
-    colors = scene.colors if scene.colors.dim() == 3 else scene.colors[None].expand(c, -1, -1)
-    return p, boxes, colors.contiguous(), settings
-
-
-def _distance_to_cutoffs(p, boxes, scene, settings) -> float:
-    """Smallest relative distance of any evaluated pair to the 1/255 and 0.99 cut-offs."""
     c, n = p.radii.shape
-    worst = float("inf")
-    for ci in range(c):
-        for g in range(n):
-            x0, y0, x1, y1 = boxes[ci, g].tolist()
-            if x1 <= x0:
+    bins = bin_tiles(p.means2d.detach(), p.conics.detach(), scene.opacities, p.radii, p.depths.detach(), settings)
+    tiles = sort_intersections(bins, c, n, settings)
+    colors = scene.colors if scene.colors.dim() == 3 else scene.colors[None].expand(c, -1, -1)
+    return p, tiles, colors.contiguous(), settings
+
+
+def dense_composite(means2d, conics, opacities, colors, depths, backgrounds, visible, settings):
+    """Every visible Gaussian at every pixel, blended sequentially front to back (float64).
+
+    Returns colors, alphas, expected depths, median depths ([C, H, W, .]), the flat row c * N + g of
+    each pixel's last blended Gaussian ([C, H, W], -1: none) and the smallest relative distance of any
+    decision to the 1/255, 0.99 and 1e-4 cut-offs.
+    """
+    c_count, n = depths.shape
+    h, w = settings.height, settings.width
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                            indexing="ij")
+    images, alphas, depth_images, medians, lasts = [], [], [], [], []
+    margin = float("inf")
+    for c in range(c_count):
+        t = torch.ones(h, w, dtype=torch.float64)
+        color = torch.zeros(h, w, colors.shape[-1], dtype=torch.float64)
+        depth_sum = torch.zeros(h, w, dtype=torch.float64)
+        median = torch.zeros(h, w, dtype=torch.float64)
+        last = torch.full((h, w), -1, dtype=torch.int64)
+        done = torch.zeros(h, w, dtype=torch.bool)
+        for g in sorted(range(n), key=lambda i: (float(depths[c, i]), i)):
+            if not visible[c, g]:
                 continue
-            ys, xs = torch.meshgrid(torch.arange(y0, y1), torch.arange(x0, x1), indexing="ij")
-            pixel = (ci * settings.height + ys.reshape(-1)) * settings.width + xs.reshape(-1)
-            geometry = _pair_geometry(torch.full_like(pixel, ci * n + g), pixel, p.means2d.reshape(-1, 2),
-                                      p.conics.reshape(-1, 3),
-                                      scene.opacities[None].expand(c, n).reshape(-1),
-                                      settings.width, settings.height, settings.alpha_cap)
-            raw = geometry.gaussian_alpha
-            worst = min(worst, float((raw * 255 - 1).abs().min()), float((raw / 0.99 - 1).abs().min()))
-    return worst
+            a, b, cc = conics[c, g].tolist()
+            dx, dy = means2d[c, g, 0] - xs, means2d[c, g, 1] - ys
+            raw = opacities[g] * torch.exp(-(0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy))
+            alpha = raw.clamp_max(settings.alpha_cap)
+            used = ~done & (alpha >= 1 / 255)
+            after = t * (1 - alpha)
+            margin = min(margin, float((raw[~done] * 255 - 1).abs().min()),
+                         float((raw[~done] / settings.alpha_cap - 1).abs().min()),
+                         float((after[used] / 1e-4 - 1).abs().min()) if used.any() else margin)
+            stop = used & (after < 1e-4)
+            done |= stop
+            used &= ~stop
+            weight = torch.where(used, alpha * t, 0)
+            color += weight[..., None] * colors[c, g]
+            depth_sum += weight * depths[c, g]
+            median = torch.where(used & (t >= 0.5) & (after < 0.5), depths[c, g], median)
+            last = torch.where(used, c * n + g, last)
+            t = torch.where(used, after, t)
+        if backgrounds is not None:
+            color += t[..., None] * backgrounds[c]
+        alpha_image = 1 - t
+        images.append(color)
+        alphas.append(alpha_image[..., None])
+        depth_images.append(torch.where(alpha_image > 0, depth_sum / alpha_image.clamp_min(1e-300), 0)[..., None])
+        medians.append(median[..., None])
+        lasts.append(last)
+    return (torch.stack(images), torch.stack(alphas), torch.stack(depth_images), torch.stack(medians),
+            torch.stack(lasts), margin)
+
+
+@pytest.mark.parametrize("n_cameras,n_channels,width,height,tile_size,per_camera,backgrounds", [
+    pytest.param(1, 3, 23, 17, 8, False, False, id="C1-D3-23x17-t8"),
+    pytest.param(2, 5, 37, 21, 16, True, True, id="C2-D5-37x21-t16-percam-bg"),
+    pytest.param(1, 1, 19, 33, 4, False, True, id="C1-D1-19x33-t4-bg"),
+])
+def test_matches_dense_float64(n_cameras, n_channels, width, height, tile_size, per_camera, backgrounds):
+    scene = make_scene(n=120, width=width, height=height, n_cameras=n_cameras, n_channels=n_channels,
+                       per_camera_colors=per_camera, backgrounds=backgrounds, seed=width + tile_size,
+                       opacity_range=(0.5, 0.99), scale_range=(0.1, 0.6))
+    p, tiles, colors, settings = _projected(scene, tile_size)
+    expected = dense_composite(p.means2d, p.conics, scene.opacities, colors, p.depths, scene.backgrounds,
+                               p.radii > 0, settings)
+    assert expected[-1] > 1e-7, "scene too close to a cut-off for an exact comparison"
+    for sizes in ({}, SMALL):
+        out = composite(p.means2d, p.conics, scene.opacities, colors, p.depths, scene.backgrounds,
+                        tiles.tile_ranges, tiles.gaussian_ids, settings, **sizes)
+        for name, reference in zip(("colors", "alphas", "depths", "median_depths"), expected):
+            assert_close(getattr(out, name), reference, 1e-10, 1e-9, f"{name} {sizes}")
+        state = composite_state(p.means2d, p.conics, scene.opacities, colors, p.depths, tiles.tile_ranges,
+                                tiles.gaussian_ids, settings, **sizes)
+        last_rows = torch.where(state.last_index >= 0, tiles.gaussian_ids[state.last_index.clamp_min(0).long()], -1)
+        assert torch.equal(last_rows.long(), expected[4]), "last blended entry"
+        assert_close(state.final_transmittance[..., None], 1 - expected[1], 1e-10, 1e-9, "final transmittance")
+    assert (expected[1] > 1 - 1e-3).any() and (expected[3] > 0).any(), "the scene should saturate some pixels"
 
 
 def _gradcheck_scene(seed):
-    scene = make_scene(n=6, width=9, height=7, n_cameras=2, n_channels=2, backgrounds=True, seed=seed,
-                       opacity_range=(0.3, 0.95), scale_range=(0.1, 0.4))
-    return scene
+    return make_scene(n=6, width=9, height=7, n_cameras=2, n_channels=2, backgrounds=True, seed=seed,
+                      opacity_range=(0.3, 0.95), scale_range=(0.1, 0.4))
 
 
 @pytest.mark.parametrize("seed", [3, 11])
 def test_composite_gradcheck(seed):
     scene = _gradcheck_scene(seed)
-    p, boxes, colors, settings = _projected(scene)
-    assert _distance_to_cutoffs(p, boxes, scene, settings) > 1e-4, "scene too close to a cut-off"
+    p, tiles, colors, settings = _projected(scene, tile_size=4)
+    margin = dense_composite(p.means2d, p.conics, scene.opacities, colors, p.depths, scene.backgrounds,
+                             p.radii > 0, settings)[-1]
+    assert margin > 1e-4, "scene too close to a cut-off"
     inputs = [t.detach().clone().requires_grad_() for t in
               (p.means2d, p.conics, scene.opacities, colors, p.depths, scene.backgrounds)]
 
     def render(means2d, conics, opacities, colors, depths, backgrounds):
-        out = composite(means2d, conics, opacities, colors, depths, backgrounds, boxes, settings,
-                        chunk_pairs=40)  # several bands in both passes
-        return out.colors, out.alphas, out.depth_sums
+        out = composite(means2d, conics, opacities, colors, depths, backgrounds, tiles.tile_ranges,
+                        tiles.gaussian_ids, settings, chunk_entries=3, sub_tile=2)
+        return out.colors, out.alphas, out.depths
 
     assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)
 
@@ -77,36 +145,36 @@ def test_composite_gradcheck_with_saturated_pixels():
     """Opaque stacks: alpha hits the 0.99 cap at centres and pixels stop at T < 1e-4."""
     scene = make_scene(n=10, width=8, height=8, seed=5, opacity_range=(0.97, 1.0), scale_range=(0.3, 0.5))
     scene.means[:, :2] *= 0.1
-    p, boxes, colors, settings = _projected(scene)
-    out = composite(p.means2d, p.conics, scene.opacities, colors, p.depths, None, boxes, settings)
+    p, tiles, colors, settings = _projected(scene, tile_size=4)
+    out = composite(p.means2d, p.conics, scene.opacities, colors, p.depths, None, tiles.tile_ranges,
+                    tiles.gaussian_ids, settings)
     assert float(out.alphas.max()) > 1 - 1e-3, "some pixel should saturate"
     inputs = [t.detach().clone().requires_grad_() for t in (p.means2d, p.conics, colors, p.depths)]
 
     def render(means2d, conics, colors, depths):
-        result = composite(means2d, conics, scene.opacities, colors, depths, None, boxes, settings)
-        return result.colors, result.alphas, result.depth_sums
+        result = composite(means2d, conics, scene.opacities, colors, depths, None, tiles.tile_ranges,
+                           tiles.gaussian_ids, settings, chunk_entries=3)
+        return result.colors, result.alphas, result.depths
 
     assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)
 
 
 def test_absgrad_is_sum_of_per_pixel_absolute_gradients():
     scene = _gradcheck_scene(3)
-    p, boxes, colors, settings = _projected(scene)
+    p, tiles, colors, settings = _projected(scene, tile_size=4)
+    args = (p.conics.detach(), scene.opacities, colors, p.depths.detach(), scene.backgrounds, tiles.tile_ranges,
+            tiles.gaussian_ids, settings)
     means2d = p.means2d.detach().clone().requires_grad_()
     upstream = torch.randn(2, settings.height, settings.width, 2, dtype=torch.float64)
-    out = composite(means2d, p.conics.detach(), scene.opacities, colors, p.depths.detach(),
-                    scene.backgrounds, boxes, settings, absgrad=True)
+    out = composite(means2d, *args, absgrad=True, **SMALL)
     (out.colors * upstream).sum().backward()
     expected = torch.zeros_like(means2d)
     for c in range(2):
         for y in range(settings.height):
             for x in range(settings.width):
-                mask = torch.zeros_like(upstream)
-                mask[c, y, x] = 1
                 m = p.means2d.detach().clone().requires_grad_()
-                o = composite(m, p.conics.detach(), scene.opacities, colors, p.depths.detach(),
-                              scene.backgrounds, boxes, settings)
-                (o.colors * upstream * mask).sum().backward()
+                o = composite(m, *args)
+                (o.colors[c, y, x] * upstream[c, y, x]).sum().backward()
                 expected += m.grad.abs()
     torch.testing.assert_close(means2d.absgrad, expected, atol=1e-12, rtol=1e-10)
     assert (means2d.absgrad >= means2d.grad.abs() - 1e-12).all()
@@ -114,33 +182,53 @@ def test_absgrad_is_sum_of_per_pixel_absolute_gradients():
 
 def test_densify_grad_uses_only_the_first_k_channels():
     scene = make_scene(n=12, width=11, height=9, n_cameras=2, n_channels=5, backgrounds=True, seed=6)
-    p, boxes, colors, settings = _projected(scene)
+    p, tiles, colors, settings = _projected(scene)
+    args = (p.conics.detach(), scene.opacities, colors, p.depths.detach(), scene.backgrounds, tiles.tile_ranges,
+            tiles.gaussian_ids, settings)
     upstream = torch.randn(2, settings.height, settings.width, 5, dtype=torch.float64)
     upstream_alpha = torch.randn(2, settings.height, settings.width, 1, dtype=torch.float64)
     k = 3
     means2d = p.means2d.detach().clone().requires_grad_()
     densify = torch.zeros_like(means2d)
-    out = composite(means2d, p.conics.detach(), scene.opacities, colors, p.depths.detach(),
-                    scene.backgrounds, boxes, settings, densify_channels=k, densify_grad=densify)
-    ((out.colors * upstream).sum() + (out.alphas * upstream_alpha).sum() + out.depth_sums.sum()).backward()
+    out = composite(means2d, *args, densify_channels=k, densify_grad=densify, **SMALL)
+    ((out.colors * upstream).sum() + (out.alphas * upstream_alpha).sum() + out.depths.sum()).backward()
     reference = p.means2d.detach().clone().requires_grad_()
-    out_k = composite(reference, p.conics.detach(), scene.opacities, colors, p.depths.detach(),
-                      scene.backgrounds, boxes, settings)
+    out_k = composite(reference, *args)
     (out_k.colors[..., :k] * upstream[..., :k]).sum().backward()
     torch.testing.assert_close(densify, reference.grad, atol=1e-12, rtol=1e-10)
     assert not torch.allclose(densify, means2d.grad), "the full gradient must differ from RGB-only"
 
 
-def test_band_chunking_does_not_change_results():
+def test_color_grad_channels_and_outputs():
+    scene = make_scene(n=20, width=13, height=11, n_channels=4, backgrounds=True, seed=9)
+    p, tiles, colors, settings = _projected(scene)
+    results = {}
+    for kc in (None, 2):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.means2d, colors)]
+        out = composite(leaves[0], p.conics, scene.opacities, leaves[1], p.depths, scene.backgrounds,
+                        tiles.tile_ranges, tiles.gaussian_ids, settings, color_grad_channels=kc)
+        (out.colors.square().sum() + out.depths.sum()).backward()
+        results[kc] = [t.grad for t in leaves]
+    assert torch.equal(results[2][0], results[None][0]), "other gradients see all channels"
+    assert torch.equal(results[2][1][..., :2], results[None][1][..., :2])
+    assert (results[2][1][..., 2:] == 0).all() and (results[None][1][..., 2:] != 0).any()
+    only = composite(p.means2d, p.conics, scene.opacities, colors, p.depths, None, tiles.tile_ranges,
+                     tiles.gaussian_ids, settings, outputs=("colors", "alphas"))
+    assert only.depths is None and only.median_depths is None and only.colors is not None
+
+
+def test_chunk_batch_and_sub_tile_sizes_do_not_change_results():
     scene = make_scene(n=40, width=31, height=19, n_cameras=2, seed=8, dtype=torch.float32)
-    p, boxes, colors, settings = _projected(scene)
+    p, tiles, colors, settings = _projected(scene, tile_size=16)
     results = []
-    for chunk in (7, 300, 1 << 20):
+    for sizes in (dict(chunk_entries=1, tile_batch=1, sub_tile=1), dict(chunk_entries=5, tile_batch=7, sub_tile=4),
+                  dict(chunk_entries=32, tile_batch=128, sub_tile=16), {}):
         m = p.means2d.detach().clone().requires_grad_()
         col = colors.clone().requires_grad_()
-        out = composite(m, p.conics, scene.opacities, col, p.depths, None, boxes, settings, chunk_pairs=chunk)
-        (out.colors.square().sum() + out.depth_sums.sum()).backward()
-        results.append((out.colors, out.alphas, out.depth_sums, out.median_depths, m.grad, col.grad))
+        out = composite(m, p.conics, scene.opacities, col, p.depths, None, tiles.tile_ranges, tiles.gaussian_ids,
+                        settings, **sizes)
+        (out.colors.square().sum() + out.depths.sum()).backward()
+        results.append((out.colors, out.alphas, out.depths, out.median_depths, m.grad, col.grad))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -152,13 +240,41 @@ def test_transmittance_stop_and_alpha_cap():
     means2d = torch.full((1, n, 2), 4.5, dtype=torch.float64)  # exactly at pixel (4, 4)'s centre
     conics = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64).expand(1, n, 3).contiguous()
     opacities = torch.ones(n, dtype=torch.float64)
-    colors = torch.eye(n, dtype=torch.float64)[None]           # Gaussian i writes channel i
+    colors = torch.eye(n, dtype=torch.float64)                 # Gaussian i writes channel i
     depths = torch.arange(1, n + 1, dtype=torch.float64)[None]
-    boxes = torch.tensor([[0, 0, 9, 9]], dtype=torch.int32).expand(1, n, 4).contiguous()
-    settings = RenderSettings(9, 9)
-    out = composite(means2d, conics, opacities, colors, depths, None, boxes, settings)
+    settings = RenderSettings(9, 9, tile_size=16)
+    tile_ranges = torch.tensor([[0, n]], dtype=torch.int32)
+    sorted_ids = torch.arange(n, dtype=torch.int32)
+    out = composite(means2d, conics, opacities, colors, depths, None, tile_ranges, sorted_ids, settings)
     pixel = out.colors[0, 4, 4]
     # T: 1 -> 0.01 -> 1e-4 (not < 1e-4, blended) -> would be 1e-6 < 1e-4: the third stops the pixel.
     torch.testing.assert_close(pixel, torch.tensor([0.99, 0.0099, 0, 0, 0], dtype=torch.float64))
     assert float(out.alphas[0, 4, 4]) == pytest.approx(1 - 0.01 * 0.01)
     assert float(out.median_depths[0, 4, 4]) == 1.0
+    state = composite_state(means2d, conics, opacities, colors, depths, tile_ranges, sorted_ids, settings)
+    assert int(state.last_index[0, 4, 4]) == 1 and float(state.final_transmittance[0, 4, 4]) == pytest.approx(1e-4)
+
+
+def test_capacity_mode_pads_truncates_and_flags_overflow():
+    scene = make_scene(n=30, width=40, height=24, n_cameras=2, seed=4, dtype=torch.float32)
+    settings = RenderSettings(40, 24, tile_size=8)
+    limits = standard_clamp_limits(scene.Ks, 40, 24)
+    p = project_gaussians(scene.means, scene.quats, scene.scales, scene.opacities, scene.viewmats, scene.Ks,
+                          limits, settings)
+    args = (p.means2d, p.conics, scene.opacities, p.radii, p.depths, settings)
+    exact = bin_tiles(*args)
+    total = exact.n_intersections
+    assert isinstance(total, int) and total == exact.keys.numel() and exact.overflow is None
+    reference = sort_intersections(exact, 2, 30, settings)
+    roomy = bin_tiles(*args, max_intersections=total + 17)
+    assert roomy.keys.numel() == total + 17 and int(roomy.n_intersections) == total and not bool(roomy.overflow)
+    sorted_roomy = sort_intersections(roomy, 2, 30, settings)
+    assert torch.equal(sorted_roomy.tile_ranges, reference.tile_ranges)
+    assert torch.equal(sorted_roomy.gaussian_ids[:total], reference.gaussian_ids)
+    assert (sorted_roomy.gaussian_ids[total:] == 0).all()
+    tight = bin_tiles(*args, max_intersections=total - 5)
+    assert bool(tight.overflow) and int(tight.n_intersections) == total
+    assert torch.equal(tight.keys, exact.keys[:total - 5])
+    assert int(sort_intersections(tight, 2, 30, settings).tile_ranges[:, 1].max()) == total - 5
+    with pytest.raises(ValueError, match="max_intersections"):
+        bin_tiles(*args, max_intersections=0)

@@ -1,8 +1,7 @@
 """Tile binning in pure PyTorch: which pixels and tiles each projected Gaussian may touch.
 
 Torch twin of `tritonsplat.ops.binning`. Two notions live here:
-- pixel boxes: the pixels a Gaussian is evaluated at (the torch compositor works on these
-  Gaussian-pixel pairs directly);
+- pixel boxes: the pixels whose centres lie within mean +- radius (the candidate tiles of binning);
 - tile intersections: (camera, tile, Gaussian) keys for the tile-based Triton compositor. With the
   "ellipse" rule a tile is kept only when the Gaussian's alpha >= 1/255 level set
   (d^T Sigma2D^-1 d <= 2 ln(255 o)) meets the rectangle of the tile's pixel centres, as FlashGS
@@ -27,10 +26,28 @@ BINNING_EXTENT_MARGIN = 1.001
 DEPTH_BITS = 32
 
 
+# Intersections are indexed with int32 downstream (sorted ids, last blended index).
+MAX_INTERSECTIONS = 2**31 - 1
+# Padding key of capacity mode: larger than every valid key, so padding sorts last.
+PAD_KEY = 2**63 - 1
+
+
 class TileBins(NamedTuple):
-    keys: torch.Tensor           # [M] int64: camera | tile | float32 bits of depth
-    gaussian_ids: torch.Tensor   # [M] int32 flat index c * N + g
-    tiles_per_gaussian: torch.Tensor  # [C, N] int32
+    """What `bin_tiles` returns: one key per (camera, tile, Gaussian) intersection, in flat Gaussian
+    order c * N + g, then row-major tile order (a stable sort then orders equal depths by index).
+
+    Capacity mode (`max_intersections=N`): keys and ids have exactly N entries; the first
+    min(n_intersections, N) are the intersections in emit order (those past N are dropped), the rest
+    are padding (key PAD_KEY, which sorts last; id 0). n_intersections is then a 0-d int64 tensor
+    holding the full count and overflow a 0-d bool tensor, True when the count exceeded N.
+    """
+
+    keys: torch.Tensor                  # [M] int64: camera | tile << 32 | float32 bits of depth
+    gaussian_ids: torch.Tensor          # [M] int32 flat index c * N + g
+    tiles_per_gaussian: torch.Tensor    # [C, N] int32 (all intersections, also those dropped)
+    n_intersections: int | torch.Tensor = 0   # int; capacity mode: 0-d int64 tensor
+    overflow: torch.Tensor | None = None      # None; capacity mode: 0-d bool tensor
+    depth_order: torch.Tensor | None = None   # always None here (int32 depth-rank keys are Triton's)
 
 
 def inria_tile_rectangles(means2d: torch.Tensor, radii: torch.Tensor,
@@ -163,7 +180,8 @@ def check_key_capacity(n_cameras: int, settings: RenderSettings) -> None:
 
 
 def bin_tiles(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tensor,
-              radii: torch.Tensor, depths: torch.Tensor, settings: RenderSettings) -> TileBins:
+              radii: torch.Tensor, depths: torch.Tensor, settings: RenderSettings, *,
+              max_intersections: int | None = None) -> TileBins:
     """Emit one key per (camera, tile, Gaussian) intersection, in Gaussian order.
 
     Candidate tiles are those of the pixel box; with the "ellipse" rule each candidate is kept only
@@ -174,9 +192,18 @@ def bin_tiles(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tens
     Args:
         means2d: [C, N, 2].  conics: [C, N, 3].  opacities: [N].  radii: [C, N] int32.
         depths: [C, N].
+        max_intersections: None (exact sizes) or the capacity N of capacity mode (see TileBins).
     Returns:
-        TileBins(keys [M] int64, gaussian_ids [M] int32, tiles_per_gaussian [C, N] int32).
+        TileBins(keys [M] int64, gaussian_ids [M] int32, tiles_per_gaussian [C, N] int32,
+        n_intersections, overflow, depth_order None).
+    Raises:
+        ValueError: the keys cannot hold the cameras x tiles, the intersections exceed 2^31 - 1, or
+            max_intersections is not None or an int in 1..2^31 - 1.
     """
+    if max_intersections is not None and (isinstance(max_intersections, bool) or not isinstance(
+            max_intersections, int) or not 1 <= max_intersections <= MAX_INTERSECTIONS):
+        raise ValueError(f"max_intersections: expected None or an int in 1..{MAX_INTERSECTIONS}, "
+                         f"got {max_intersections!r}")
     n_cameras, n = radii.shape
     check_key_capacity(n_cameras, settings)
     device = means2d.device
@@ -201,8 +228,33 @@ def bin_tiles(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tens
     camera = torch.div(flat, n, rounding_mode="floor") if n else flat
     tile = tile_y * settings.tiles_x + tile_x
     keys = pack_keys(camera, tile, depths.reshape(-1)[flat], settings.n_tiles)
-    tiles_per_gaussian = torch.bincount(flat, minlength=n_cameras * n).reshape(n_cameras, n)
-    return TileBins(keys, flat.to(torch.int32), tiles_per_gaussian.to(torch.int32))
+    tiles_per_gaussian = torch.bincount(flat, minlength=n_cameras * n).reshape(n_cameras, n).to(torch.int32)
+    total = keys.numel()
+    if max_intersections is None:
+        if total > MAX_INTERSECTIONS:
+            raise ValueError(f"tile intersections: {total} exceed the supported 2^31 - 1 = {MAX_INTERSECTIONS}; "
+                             f"render fewer cameras or Gaussians per call, or at a lower resolution")
+        return TileBins(keys, flat.to(torch.int32), tiles_per_gaussian, total)
+    # Capacity mode: truncate (emit order) or pad to exactly max_intersections entries.
+    kept = min(total, max_intersections)
+    padded_keys = torch.full((max_intersections,), PAD_KEY, dtype=torch.int64, device=device)
+    padded_ids = torch.zeros(max_intersections, dtype=torch.int32, device=device)
+    padded_keys[:kept] = keys[:kept]
+    padded_ids[:kept] = flat[:kept].to(torch.int32)
+    count = torch.tensor(total, dtype=torch.int64, device=device)
+    return TileBins(padded_keys, padded_ids, tiles_per_gaussian, count, count > max_intersections)
+
+
+def pair_alpha(row: torch.Tensor, x: torch.Tensor, y: torch.Tensor, means2d: torch.Tensor, conics: torch.Tensor,
+               opacities: torch.Tensor, alpha_cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, alpha) of flat Gaussian rows at pixels (x, y): sigma = d^T conic d / 2, d = mean - centre,
+    alpha = min(cap, o exp(-sigma)). All arguments but the flat means2d [R, 2], conics [R, 3] and
+    opacities [R] are [M]."""
+    dx = means2d[row, 0] - (x.to(means2d.dtype) + 0.5)
+    dy = means2d[row, 1] - (y.to(means2d.dtype) + 0.5)
+    a, b, c = conics[row, 0], conics[row, 1], conics[row, 2]
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    return sigma, torch.clamp_max(opacities[row] * torch.exp(-sigma), alpha_cap)
 
 
 @torch.no_grad()
@@ -215,8 +267,6 @@ def exact_tile_intersections(means2d: torch.Tensor, conics: torch.Tensor, opacit
     Args:
         means2d: [C, N, 2].  conics: [C, N, 3].  opacities: [N].  radii: [C, N] int32.
     """
-    from .compositing import _pair_geometry
-
     n_cameras, n = radii.shape
     device = means2d.device
     boxes = pixel_boxes(means2d, radii, settings).to(torch.int64).reshape(-1, 4)
@@ -240,11 +290,9 @@ def exact_tile_intersections(means2d: torch.Tensor, conics: torch.Tensor, opacit
                                                              ).repeat_interleave(pair_counts)
         x = boxes[flat, 0] + local % widths[flat]
         y = boxes[flat, 1] + torch.div(local, widths[flat], rounding_mode="floor")
-        camera = torch.div(flat, n, rounding_mode="floor")
-        pixel = (camera * settings.height + y) * settings.width + x
-        geometry = _pair_geometry(flat, pixel, means2d.reshape(-1, 2), conics.reshape(-1, 3), flat_opacities,
-                                  settings.width, settings.height, settings.alpha_cap)
-        hit = (geometry.sigma >= 0) & (geometry.alpha >= constants.MIN_ALPHA)
+        sigma, alpha = pair_alpha(flat, x, y, means2d.reshape(-1, 2), conics.reshape(-1, 3), flat_opacities,
+                                  settings.alpha_cap)
+        hit = (sigma >= 0) & (alpha >= constants.MIN_ALPHA)
         tile = torch.div(y, settings.tile_size, rounding_mode="floor") * settings.tiles_x + torch.div(
             x, settings.tile_size, rounding_mode="floor")
         keys = flat[hit] * settings.n_tiles + tile[hit]

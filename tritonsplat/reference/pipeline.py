@@ -1,0 +1,75 @@
+"""The torch backend's pipeline: project -> bin -> sort (+ tile ranges) -> composite, in pure PyTorch.
+
+Twin of `tritonsplat.ops.pipeline.render_triton` (same signature and stages: the tile lists are
+built by `reference.binning.bin_tiles` with the exact ellipse-tile test and sorted by
+`reference.sorting.sort_intersections`, and `reference.compositing.composite` walks them with early
+termination). Computes in the inputs' dtype (float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..profiling import stage
+from ..settings import RenderSettings, standard_clamp_limits
+from ..types import RenderOptions
+from . import binning, compositing, projection, sorting
+
+
+def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
+                 clamp_limits: torch.Tensor | None = None, covars: torch.Tensor | None = None,
+                 means2d_hook=None):
+    """Render validated inputs (`RasterizeInputs`) with the torch stages.
+
+    Args:
+        inputs: validated inputs (`validation.validate_rasterize_inputs`).
+        settings: per-call render settings.
+        options: outputs, absgrad, densify_channels, color_grad_channels, deterministic,
+            max_intersections (capacity mode: fixed-size intersection arrays; n_intersections is
+            then a 0-d int64 tensor and the output's overflow a 0-d bool tensor).
+        clamp_limits: [C, 4] limits of x/z, y/z inside the EWA Jacobian, or None for
+            `settings.standard_clamp_limits`.
+        covars: [N, 6] covariances replacing quats/scales; means2d_hook(means2d) -> means2d may re-route
+            the screen-space means between projection and compositing (both used by tritonsplat.compat).
+    Returns:
+        RasterizeOutput (backend "torch"); n_intersections counts the tile intersections of binning.
+    """
+    from ..types import RasterizeOutput
+
+    if clamp_limits is None:
+        clamp_limits = standard_clamp_limits(inputs.Ks, settings.width, settings.height)
+    with stage("projection"):
+        projected = projection.project_gaussians(
+            inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
+            clamp_limits, settings, covars=covars,
+            sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
+    colors = projected.colors if inputs.sh_degree is not None else inputs.colors
+    if colors.dim() == 3 and colors.stride(0) == 0:     # the same [N, D] colours for every camera
+        colors = colors[0]
+    means2d = projected.means2d
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
+    with stage("binning"):
+        bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), inputs.opacities.detach(),
+                                 projected.radii, projected.depths.detach(), settings,
+                                 max_intersections=options.max_intersections)
+    with stage("sorting"):
+        tiles = sorting.sort_intersections(bins, inputs.n_cameras, inputs.n_gaussians, settings)
+    densify_grad = None
+    if options.densify_channels is not None:
+        densify_grad = torch.zeros_like(means2d, requires_grad=False)
+    with stage("compositing"):
+        rendered = compositing.composite(
+            composite_means2d, projected.conics, inputs.opacities, colors, projected.depths, inputs.backgrounds,
+            tiles.tile_ranges, tiles.gaussian_ids, settings, outputs=options.outputs, absgrad=options.absgrad,
+            densify_channels=options.densify_channels, densify_grad=densify_grad,
+            color_grad_channels=options.color_grad_channels, deterministic=options.deterministic,
+            means2d_for_absgrad=means2d if options.absgrad else None)
+    fields = {}
+    if bins.overflow is not None:
+        fields["overflow"] = bins.overflow
+    return RasterizeOutput(
+        colors=rendered.colors, alphas=rendered.alphas, depths=rendered.depths,
+        median_depths=rendered.median_depths, radii=projected.radii, means2d=means2d,
+        n_intersections=bins.n_intersections, densify_grad=densify_grad, backend="torch", **fields)
