@@ -63,14 +63,17 @@ def intersection_statistics(scene_specs: list[str], size: int, width: int, heigh
     """Tile intersections and intersections walked before saturation, per scene, from the torch twins
     of binning and sorting run on the GPU scene (walked = for each tile, the largest over its pixels
     of last blended index + 1 - tile start)."""
+    from tritonsplat.statistics import walked_intersections
+
     from .cases import make_case
-    from .stats import walked_intersections
 
     rows = []
     for spec in scene_specs:
-        scene = make_case(spec, size, width, height, device)
+        scene = make_case(spec, size, width, height, device=device)
         rows.append({"case": spec, "gaussians": size, "resolution": f"{width}x{height}",
-                     **walked_intersections(scene)})
+                     **walked_intersections(scene.means, scene.quats, scene.scales, scene.opacities,
+                                            scene.colors, scene.viewmats, scene.Ks, scene.width,
+                                            scene.height)})
     return rows
 
 

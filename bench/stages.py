@@ -6,7 +6,7 @@ backend does not expose is simply absent, and the time outside all reported stag
 given as `unattributed_forward_ms` / `unattributed_backward_ms`. Each run is one forward and one
 backward of sum(colors) with CUDA-event timers on a GPU and perf_counter elsewhere.
 
-Intersections (`tritonsplat.profiling.intersection_report`, torch, on the same scene): tile
+Intersections (`tritonsplat.statistics.intersection_report`, torch, on the same scene): tile
 intersections of tritonsplat's ellipse rule, of the exact minimum (tiles holding a pixel where the
 Gaussian's alpha reaches 1/255) and of the original's 3-sigma rectangle rule, per Gaussian and as
 ratios; the target is ellipse <= 1.1 x exact minimum.
@@ -37,11 +37,11 @@ GRADIENT_INPUTS = ("means", "quats", "scales", "opacities", "colors")
 
 
 def intersection_statistics(scene: SceneInputs) -> dict:
-    """`tritonsplat.profiling.intersection_report` of the scene, or {"unavailable": reason}."""
+    """`tritonsplat.statistics.intersection_report` of the scene, or {"unavailable": reason}."""
     try:
-        from tritonsplat.profiling import intersection_report
+        from tritonsplat.statistics import intersection_report
     except ImportError as error:
-        return {"unavailable": f"tritonsplat.profiling.intersection_report does not import ({error})"}
+        return {"unavailable": f"tritonsplat.statistics.intersection_report does not import ({error})"}
     try:
         return intersection_report(scene.means, scene.quats, scene.scales, scene.opacities, scene.viewmats,
                                    scene.Ks, scene.width, scene.height)
