@@ -11,49 +11,17 @@ with L_im = 0.8 L1 + 0.2 (1 - SSIM). The rigidity family (paper Eq. 2-4) puts th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from tritonsplat.reference.ssim import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, ssim_map  # noqa: F401
 
 from .quaternions import quat_conjugate, quat_multiply, quat_to_rotmat
 
-SSIM_WINDOW = 11  # pixels (the original's / 3DGS's)
-SSIM_SIGMA = 1.5  # pixels
-SSIM_C1 = 0.01**2  # (K1 L)^2 with dynamic range L = 1
-SSIM_C2 = 0.03**2
 SQRT_EPS = 1e-20  # inside the square roots of the weighted losses, as in the original
-
-
-@functools.lru_cache(maxsize=8)
-def _gaussian_window_1d(size: int, sigma: float, dtype: torch.dtype, device: str) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).to(dtype=dtype, device=device)
-
-
-def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004) of images a, b [B, C, H, W] -> [B, C, H, W].
-
-    Gaussian window (11 x 11, sigma 1.5), applied separably with zero padding like 3DGS's `ssim`
-    (the 2D window is the outer product of the 1D one, so this equals the 2D convolution).
-    """
-    B, C, H, W = a.shape
-    g = _gaussian_window_1d(window, float(sigma), a.dtype, str(a.device))
-    pad = window // 2
-    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1).reshape(B * 5 * C, 1, H, W)
-    blurred = F.conv2d(stack, g.view(1, 1, 1, -1), padding=(0, pad))
-    blurred = F.conv2d(blurred, g.view(1, 1, -1, 1), padding=(pad, 0))
-    mu_a, mu_b, e_aa, e_bb, e_ab = blurred.reshape(B, 5, C, H, W).unbind(1)
-    var_a = e_aa - mu_a * mu_a
-    var_b = e_bb - mu_b * mu_b
-    cov = e_ab - mu_a * mu_b
-    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
-    den = (mu_a * mu_a + mu_b * mu_b + SSIM_C1) * (var_a + var_b + SSIM_C2)
-    return num / den
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

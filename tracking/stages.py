@@ -278,6 +278,8 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
     config = stage.config
     terms_on = [term for term in L.TERMS if term.active(config, stage.name)]
     device = stage.params["means"].device
+    if config.cuda_graphs and device.type == "cuda" and stage.name == L.NEXT:
+        _warn_no_capture()
     log = ScalarLog(L.term_names(stage.name), min(config.log_every, stage.steps), device, stage.t)
     bar = _Progress(progress, echo, stage.t, n_frames, stage.steps)
     stage.extra_stats["_bar"] = bar
@@ -306,6 +308,16 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
             if last is not None:
                 bar.update(step + 1, *last, stage.params["means"].shape[0])
     return log.curves
+
+
+@functools.cache
+def _warn_no_capture() -> None:
+    # Capturing a step needs a rasterizer without host reads (a fixed-capacity mode), which this
+    # version's rasterize() does not offer; views are already selected on the device from stacked
+    # images and poses (FrameTargets.batch, render), the other prerequisite.
+    import warnings
+
+    warnings.warn("cuda_graphs: the rasterizer has no capacity mode here, so t > 0 steps run eagerly", stacklevel=3)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
