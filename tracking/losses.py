@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tritonsplat.reference.ssim import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, ssim_map  # noqa: F401
+from tritonsplat.reference.ssim import gaussian_window_1d as _gaussian_window_1d  # noqa: F401
 
 from .quaternions import quat_conjugate, quat_multiply, quat_to_rotmat
 
