@@ -46,6 +46,7 @@ class DensifyState:
     grad_sum: torch.Tensor
     count: torch.Tensor
     history: list[dict] = field(default_factory=list)
+    ndc_scales: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (W, H) -> [2] on the device
 
 
 def _new_moments(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
@@ -122,7 +123,10 @@ class DensifyStrategy:
         c = self.config
         if not c.enabled or step > c.stop:
             return
-        ndc = densify_grad * densify_grad.new_tensor([width / 2.0, height / 2.0])
+        scale = state.ndc_scales.get((width, height))
+        if scale is None:  # one host-to-device copy per image size, not per step
+            scale = state.ndc_scales[(width, height)] = densify_grad.new_tensor([width / 2.0, height / 2.0])
+        ndc = densify_grad * scale
         norm = ndc.norm(dim=-1)
         visible = radii > 0
         state.grad_sum += torch.where(visible, norm, torch.zeros_like(norm))
