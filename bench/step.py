@@ -13,7 +13,10 @@ reason otherwise), at N foreground Gaussians (`--foreground`):
   knn               building the K = 20 neighbour lists, `tracking.neighbours.knn` (done once per
                     sequence in the method, timed alone);
   rigidity_losses   `tracking.losses.rigidity_losses` forward + backward (the H100 target: < 1 ms at 100k);
-  tracking_step     render + L1 + rigidity losses, backward, Adam, per backend.
+  tracking_step     render + L1 + rigidity losses, backward, Adam, per backend;
+  tracking_step_parts  one t > 0 step through the tracking package itself, on the `fitted` and
+                    `basketball-early` cases, with per part (render_forward, render_backward, image_losses,
+                    rigidity_losses, optimizer, host_overhead) its time, launches and host reads.
 The foreground Gaussians are the `random` scene's (their spacing makes most weights exp(-2000 d^2)
 tiny, which changes no timing: the losses are dense over the N x K neighbour lists).
 """
@@ -261,5 +264,173 @@ def run_step(config: BenchConfig, state: RunState, foreground_sizes: tuple[int, 
         for record in records[-(2 + len(tracking_backends)):]:
             if record.timing is not None and record.n_gaussians == n_foreground:
                 progress(f"  {record.metric:16s} {record.backend:10s} {record.timing.p50_ms:.2f} ms")
+    for case in STEP_CASES:
+        for backend in tracking_backends:
+            if reason is not None or backend_unavailable_reason(backend, config.device) is not None:
+                continue
+
+            def skip(why: str, case=case, backend=backend) -> Record:
+                return skip_record(BENCHMARK, "tracking_step_parts", case, backend, config, why, None)
+
+            guarded(state, records, skip, lambda case=case, backend=backend: [measure_tracking_step_parts(
+                case, foreground_sizes[0] if foreground_sizes else 10_000, config, backend)],
+                what=f"tracking step parts {case} {backend}")
+            record = records[-1]
+            if record.timing is not None:
+                parts = ", ".join(f"{k} {v['p50_ms']:.2f} ms/{v['launches']} ops"
+                                  for k, v in record.details["parts"].items())
+                progress(f"  tracking step {case} {backend}: {parts}")
     add_backend_ratios(records)
     return records
+
+
+# ----------------------------------------------------------------------------- one tracking step, by part
+STEP_PARTS = ("render_forward", "render_backward", "image_losses", "rigidity_losses", "optimizer", "host_overhead")
+STEP_CASES = ("fitted", "basketball-early")  # basketball-early: a case another module may register
+
+
+class _OpCounter:
+    """Counts aten ops (~ kernel launches on a GPU; view/metadata ops excluded) and host reads
+    (`_local_scalar_dense`, `nonzero`, `masked_select`) while active."""
+
+    NOT_LAUNCHES = frozenset({"view", "_unsafe_view", "expand", "t", "permute", "select", "slice", "unsqueeze",
+                              "squeeze", "as_strided", "detach", "alias", "lift_fresh", "transpose", "unbind",
+                              "split", "empty", "empty_like", "empty_strided"})
+    HOST_READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select"})
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counter.launches += name not in counter.NOT_LAUNCHES
+                counter.host_reads += name in counter.HOST_READS
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.launches = 0
+        self.host_reads = 0
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+class TrackingStepParts:
+    """A t > 0 Dynamic 3D Gaussians step on a scene, split into the parts of STEP_PARTS, through the
+    tracking package's own code (`tracking.stages.render`, `losses.image_loss`, the rigidity, floor,
+    background and colour terms, Adam). All Gaussians with even index are foreground."""
+
+    def __init__(self, scene: SceneInputs, backend: str):
+        from tracking import losses
+        from tracking.config import TrackingConfig
+        from tracking.params import make_optimizer
+        from tracking.targets import Views
+
+        device = scene.means.device
+        self.losses = losses
+        self.config = TrackingConfig(backend=backend)
+        n = scene.n_gaussians
+        self.params = {"means": torch.nn.Parameter(scene.means.detach().clone()),
+                       "quats": torch.nn.Parameter(scene.quats.detach().clone()),
+                       "rgb": torch.nn.Parameter(scene.colors.detach()[:, :3].clone())}
+        self.optimizer = make_optimizer(self.params, {"means": 1e-6, "quats": 1e-5, "rgb": 1e-5}, self.config)
+        self.seg = torch.zeros(n, 3, device=device)
+        self.seg[::2, 0] = 1
+        self.seg[1::2, 2] = 1
+        self.scales, self.opacities = scene.scales.detach(), scene.opacities.detach()
+        self.fg_idx = torch.arange(0, n, 2, device=device)
+        self.bg_idx = torch.arange(1, n, 2, device=device)
+        rig = build_neighbours(scene.means.detach()[self.fg_idx], str(device))
+        self.rig = rig
+        self.prev_offsets = losses.previous_offsets(rig["prev_means"], rig["indices"])
+        self.prev_quats = torch.nn.functional.normalize(scene.quats.detach()[self.fg_idx], dim=-1)
+        self.prev_rgb = self.params["rgb"].detach().clone()
+        self.init_bg = (scene.means.detach()[self.bg_idx], torch.nn.functional.normalize(
+            scene.quats.detach()[self.bg_idx], dim=-1))
+        self.views = Views(scene.viewmats[:1], scene.Ks[:1], [(scene.width, scene.height)],
+                           torch.tensor([0, 0, 0, 0, 0, 1.0], device=device))
+        self.image = torch.full((1, 3, scene.height, scene.width), 0.5, device=device)
+        self.seg_target = torch.zeros(1, 3, scene.height, scene.width, device=device)
+        self.seg_target[:, 2] = 1
+        self.buffer = torch.zeros(8, device=device)
+        self.held: dict = {}
+
+    def host_overhead(self) -> None:
+        """Activations and colour concatenation (before the render) and the scalar-buffer write."""
+        p = self.params
+        self.held["act"] = {"means": p["means"], "quats": torch.nn.functional.normalize(p["quats"], dim=-1),
+                            "scales": self.scales, "opacities": self.opacities,
+                            "colors": torch.cat([p["rgb"], self.seg], -1)}
+
+    def render_forward(self) -> None:
+        from tracking.stages import render
+
+        self.held["out"] = render(self.held["act"], self.views, [0], self.config, densify=False)
+
+    def image_losses(self) -> None:
+        colors = self.held["out"].colors.detach().requires_grad_(True)
+        L = self.losses
+        s = self.config.weights.ssim
+        im = L.image_loss(colors[..., :3].permute(0, 3, 1, 2), self.image, s, backend=self.config.backend)
+        seg = L.image_loss(colors[..., 3:].permute(0, 3, 1, 2), self.seg_target, s, backend=self.config.backend)
+        (im + 3 * seg).backward()
+        self.held["colors_grad"] = colors.grad
+        torch.stack([im.detach(), seg.detach()], out=self.buffer[:2])
+
+    def rigidity_losses(self) -> None:
+        L, act, r = self.losses, self.held["act"], self.rig
+        fg = act["means"][self.fg_idx]
+        terms = L.rigidity_losses_fast(fg, act["quats"][self.fg_idx], r["prev_means"], self.prev_quats, r["indices"],
+                                       r["weights"], r["initial_distances"], prev_offsets=self.prev_offsets)
+        total = 4 * terms["rigid"] + 4 * terms["rot"] + 2 * terms["iso"] + 2 * L.floor_loss(fg, 0.0)
+        total = total + 20 * L.background_loss(act["means"][self.bg_idx], act["quats"][self.bg_idx], *self.init_bg)
+        total.backward(retain_graph=True)
+
+    def render_backward(self) -> None:
+        self.held.pop("out").colors.backward(self.held.pop("colors_grad"))
+        self.held.pop("act")
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def parts(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("host_overhead", self.host_overhead), ("render_forward", self.render_forward),
+                ("image_losses", self.image_losses), ("rigidity_losses", self.rigidity_losses),
+                ("render_backward", self.render_backward), ("optimizer", self.optimizer_step)]
+
+
+def measure_tracking_step_parts(case: str, n_gaussians: int, config: BenchConfig, backend: str) -> Record:
+    """Record "tracking_step_parts": per part of STEP_PARTS its time (p20/p50/p80 ms), launches and host
+    reads of one t > 0 step on `case` (skipped with the reason when the case is not registered)."""
+    from .cases import CASES, make_case
+
+    common = dict(benchmark=BENCHMARK, metric="tracking_step_parts", case=case, backend=backend,
+                  device=config.device, n_gaussians=n_gaussians)
+    if case.partition(":")[0] not in CASES:
+        return Record(skipped=f"case {case!r} is not registered in bench/cases.py", **common)
+    try:
+        scene = make_case(case, n_gaussians, 640, 360, device=config.device)
+    except Exception as error:  # a case whose data is absent here
+        return Record(skipped=f"case {case!r} unavailable ({type(error).__name__}: {error})", **common)
+    step = TrackingStepParts(scene, backend)
+    total, parts = time_parts(step.parts(), device=config.device, warmup=config.warmup, repeats=config.repeats,
+                              budget_s=config.time_budget_s)
+    counts = {}
+    for name, part in step.parts():
+        with _OpCounter() as counter:
+            part()
+        counts[name] = {"launches": counter.launches, "host_reads": counter.host_reads}
+    details = {"parts": {name: {**_parts_summary({name: parts[name]})[name], **counts[name]}
+                         for name in STEP_PARTS},
+               "scene": scene.description,
+               "counting": "aten ops outside views (~ launches on a GPU), host reads = item/nonzero/masked_select"}
+    return Record(timing=total, width=scene.width, height=scene.height, details=details,
+                  **{**common, "n_gaussians": scene.n_gaussians})

@@ -105,9 +105,14 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="original", show_default=True,
-              help="Step counts and schedule: the original code's, or the fast CPU demo's.")
+              help="original: the released code's behaviour; paper: Table 1's (colours fixed after t = 0, no floor "
+              "loss); demo: the fast CPU demo; 3gs-online: the paper's 3GS-O baseline.")
 @click.option("--steps-scale", type=float, default=1.0, show_default=True,
               help="Multiply every step count (stage lengths, densification schedule) for quick runs.")
+@click.option("--cameras-per-step", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training views rendered together per step (one rasterize call); loss = their mean.")
+@click.option("--lr-batch-scaling", type=click.Choice(["none", "sqrt"]), default="none", show_default=True,
+              help="sqrt: learning rates x sqrt(cameras per step) (Grendel-GS).")
 @click.option("--downscale", type=float, default=1.0, show_default=True, help="Divide the image size by F.")
 @click.option("--frames", default=None, help="A:B, half-open 0-based indices into the data's frames.")
 @click.option("--init-points", type=click.Path(path_type=Path), default=None,
@@ -117,11 +122,15 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
 @click.option("--seed", type=int, default=None, help="Random seed (default: the preset's, 0).")
 @click.option("--overwrite", is_flag=True, help="Start afresh: remove the run in OUT (needed when its config differs).")
 @_friendly_errors
-def fit(data, out, preset, steps_scale, downscale, frames, init_points, backend, device, seed, overwrite):
+def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, downscale, frames, init_points, backend,
+        device, seed, overwrite):
     """Fit DATA (any data_tools format) into OUT, resuming what OUT already holds."""
     if downscale <= 0:
         raise click.BadParameter("must be positive", param_hint="--downscale")
-    cfg = _build_config(preset, steps_scale, seed, backend, device)
+    from dataclasses import replace
+
+    cfg = replace(_build_config(preset, steps_scale, seed, backend, device), cameras_per_step=cameras_per_step,
+                  lr_batch_scaling=lr_batch_scaling)
     _run_fit(data, out, cfg, downscale=downscale, frames=parse_frames(frames), init_points=init_points,
              overwrite=overwrite)
     click.echo(f"next: tritonsplat-track eval {out}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .losses import NEXT, term_names
 from .metrics import project
 from .result import TrackingResult
 
@@ -67,7 +68,7 @@ def plot_losses(result: TrackingResult, path: Path) -> Path:
     ax0.set_ylabel("total loss")
     ax0.set_title("loss (t = 0 blue, t > 0 orange)")
     ax0.grid(alpha=0.3)
-    terms = ("im", "seg", "rigid", "rot", "iso", "floor", "bg", "colour")
+    terms = term_names(NEXT)
     finals = {k: [] for k in terms}
     for t in range(1, result.n_frames):
         stats = result.frame_stats(t)
