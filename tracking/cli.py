@@ -15,6 +15,7 @@ shows progress. User mistakes print one line and exit with a non-zero code (no t
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 import warnings
@@ -90,12 +91,15 @@ def _build_config(preset: str, steps_scale: float, seed: int | None, backend: st
 
 
 def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None, init_points=None,
-             overwrite=False):
+             overwrite=False, dist_timeout: float = 300.0):
+    from .distributed import launched_by_torchrun
     from .fit import fit
 
     t0 = time.perf_counter()
     result = fit(data, out, cfg, downscale=downscale, frames=frames, init_points=init_points, overwrite=overwrite,
-                 progress=True, echo=click.echo)
+                 progress=True, echo=click.echo, dist_timeout=dist_timeout)
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        return result       # rank 0 reports
     click.echo(f"fitted {result.n_frames} frame(s), {result.n_gaussians:,} Gaussians "
                f"({int(result.fg.sum()):,} foreground) into {out} in {time.perf_counter() - t0:.1f} s")
     return result
@@ -121,9 +125,11 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
 @click.option("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available).")
 @click.option("--seed", type=int, default=None, help="Random seed (default: the preset's, 0).")
 @click.option("--overwrite", is_flag=True, help="Start afresh: remove the run in OUT (needed when its config differs).")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Under torchrun: seconds after which the ranks stop with an error when one died or hangs.")
 @_friendly_errors
 def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, downscale, frames, init_points, backend,
-        device, seed, overwrite):
+        device, seed, overwrite, dist_timeout):
     """Fit DATA (any data_tools format) into OUT, resuming what OUT already holds."""
     if downscale <= 0:
         raise click.BadParameter("must be positive", param_hint="--downscale")
@@ -132,8 +138,9 @@ def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, down
     cfg = replace(_build_config(preset, steps_scale, seed, backend, device), cameras_per_step=cameras_per_step,
                   lr_batch_scaling=lr_batch_scaling)
     _run_fit(data, out, cfg, downscale=downscale, frames=parse_frames(frames), init_points=init_points,
-             overwrite=overwrite)
-    click.echo(f"next: tritonsplat-track eval {out}")
+             overwrite=overwrite, dist_timeout=dist_timeout)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"next: tritonsplat-track eval {out}")
 
 
 def _print_metrics(metrics: dict, out: Path) -> None:

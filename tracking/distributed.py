@@ -151,6 +151,19 @@ def reduce_densify_statistics(grad_sums: torch.Tensor, counts: torch.Tensor, max
     _collective(world, "densification statistics all-reduce", reduce)
 
 
+def gather_views(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """[B / N, ...] per rank -> [B, ...] on every rank, in rank order (= the step's camera order)."""
+    if not world.active:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world.size)]
+
+    def gather():
+        dist.all_gather(parts, tensor.contiguous())
+
+    _collective(world, "view statistics all-gather", gather)
+    return torch.cat(parts)
+
+
 def parameter_checksum(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     """[2 * P] float64: sum and sum of squares of every parameter (cheap, order-fixed)."""
     rows = []

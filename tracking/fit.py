@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,15 @@ import torch
 
 from . import losses as L
 from .config import TrackingConfig
+from .distributed import (
+    DEFAULT_TIMEOUT_S,
+    World,
+    barrier,
+    broadcast_object,
+    close_world,
+    init_world,
+    rank_cameras,
+)
 from .errors import ConfigMismatchError, NaNLossError, TrackingError
 from .neighbours import knn
 from .params import foreground_mask
@@ -115,7 +125,7 @@ def _frame_mismatch(out: Path, source_frames: list[int]) -> list[str]:
 
 def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float = 1.0, frames=None,
         init_points: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-        echo: Callable[[str], None] = print):
+        echo: Callable[[str], None] = print, dist_timeout: float = DEFAULT_TIMEOUT_S):
     """Fit Dynamic 3D Gaussians to a multi-camera sequence, resuming what OUT already holds.
 
     Args:
@@ -129,6 +139,13 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
             renders; other files, e.g. the demo's OUT/data, stay).
         progress: show a progress bar per frame.
         echo: prints the summary line of each frame.
+        dist_timeout: under `torchrun`, seconds after which a collective with a dead or hung rank
+            fails (every rank then exits with a DistributedError instead of hanging).
+
+    Under `torchrun --nproc-per-node N` (see `tracking.distributed`) every rank fits the whole
+    Gaussian set on its B / N of each step's B = cameras_per_step views; gradients are averaged and
+    densification statistics summed before each step, so all ranks stay identical. Only rank 0
+    writes OUT; every rank reads it to resume (multi-node: OUT on a shared filesystem).
 
     Returns:
         `tracking.TrackingResult` of OUT.
@@ -139,21 +156,42 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
         TrackingError / data_tools.DataError: unusable input, with a message naming it.
         StorageError: the disk is full or not writable; completed frames are kept.
     """
-    from .result import TrackingResult
-
     t_wall = time.perf_counter()
     config = (config or TrackingConfig()).validate()
     if config.floor_y is None:
         warnings.warn("floor_y is None: the floor loss is off", stacklevel=2)
+    world, world_device = init_world(config.device, dist_timeout)
+    try:
+        if world.active:
+            rank_cameras(list(range(config.cameras_per_step)), world)  # B divisible by N, or a clear error
+            config = replace(config, device=world_device)
+            progress = progress and world.is_main
+            if not world.is_main:
+                echo = _silent
+        return _fit(data, out_dir, config, world, downscale=downscale, frames=frames, init_points=init_points,
+                    overwrite=overwrite, progress=progress, echo=echo, t_wall=t_wall)
+    finally:
+        close_world(world)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    return None
+
+
+def _fit(data, out_dir, config: TrackingConfig, world: World, *, downscale, frames, init_points, overwrite,
+         progress, echo, t_wall):
+    from .result import TrackingResult
+
     device = resolve_device(config.device)
     seq, spec = open_data(data, downscale, frames)
     has_masks = check_sequence(seq)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
-
-    if overwrite:
-        remove_run(out)
+    if world.is_main:
+        clean_temporaries(out)
+        if overwrite:
+            remove_run(out)
+    barrier(world, "run setup")
     existing = read_run_identity(out)
     if existing is not None:
         diffs = (_describe_mismatch(existing[0], config.identity(), TrackingConfig().identity())
@@ -163,18 +201,24 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
             raise ConfigMismatchError(
                 f"{out} holds a run with a different config or data ({'; '.join(diffs[:4])}"
                 f"{'; ...' if len(diffs) > 4 else ''}): use another OUT, or --overwrite to replace it")
-    if not (out / "run.h5").exists() and (out / "frames").exists():
-        remove_run(out)  # frames without run.h5: a run killed before t = 0 was recorded
-    write_json_atomic(out / "config.json", {"config": config.to_dict(), "data": spec.__dict__})
+    if world.is_main:
+        if not (out / "run.h5").exists() and (out / "frames").exists():
+            remove_run(out)  # frames without run.h5: a run killed before t = 0 was recorded
+        write_json_atomic(out / "config.json", {"config": config.to_dict(), "data": spec.__dict__})
+    barrier(world, "run setup")
 
-    done = completed_frames(out)
+    done = broadcast_object(completed_frames(out), world, "resume point")
     scene_radius = float(seq.scene_radius)
     n_frames = seq.n_frames
     if done == 0:
+        if not world.is_main:
+            barrier(world, "initial points")    # rank 0 builds OUT/init_pt_cld.npz when needed; the others read it
         points, source = initial_points(seq, out, init_points)
+        if world.is_main:
+            barrier(world, "initial points")
         setup_seconds = time.perf_counter() - t_wall
         params0, rec0, history = fit_first_frame(seq, points, config, scene_radius, has_masks, device,
-                                                 progress=progress, echo=echo)
+                                                 progress=progress, echo=echo, world=world)
         t_nb = time.perf_counter()
         fg = foreground_mask(params0, config.fg_threshold)
         nb_idx, nb_w, nb_d = neighbour_graph(params0["means"], fg, config)
@@ -186,8 +230,9 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
             background=list(seq.background) if seq.background is not None else None, has_masks=has_masks,
             extra={"init_points": source, "densify_log": history, "n_init_points": int(len(points)),
                    "setup_seconds": setup_seconds, "neighbours_seconds": time.perf_counter() - t_nb})
-        write_run(out, run)
-        write_frame(out, rec0)
+        if world.is_main:
+            write_run(out, run)
+            write_frame(out, rec0)
         done = 1
         prev, prev2 = rec0, rec0
     else:
@@ -203,11 +248,13 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
         for t in range(done, n_frames):
             try:
                 rec = fit_next_frame(seq, t, prev, prev2, static, views, config, scene_radius, has_masks, device,
-                                     progress=progress, echo=echo)
+                                     progress=progress, echo=echo, world=world)
             except NaNLossError as exc:
                 raise NaNLossError(exc.t, exc.step, exc.term, completed=t) from None
-            write_frame(out, rec)
+            if world.is_main:
+                write_frame(out, rec)
             prev2, prev = prev, rec
+    barrier(world, "end of the fit")          # rank 0's last frame is on disk before anyone reads OUT
     result = TrackingResult(out)
     result.fit_seconds = time.perf_counter() - t_wall
     return result

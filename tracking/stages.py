@@ -29,6 +29,7 @@ import tritonsplat
 
 from . import losses as L
 from .config import TrackingConfig
+from .distributed import SINGLE, World, average_gradients, check_in_sync, gather_views, rank_cameras
 from .errors import NaNLossError, TrackingError, fault_at
 from .params import activated, init_params, learning_rates, make_optimizer
 from .quaternions import quat_normalize
@@ -270,6 +271,7 @@ class Stage:
     frame: FrameConstants | None = None
     generator: torch.Generator | None = None
     extra_stats: dict = field(default_factory=dict)
+    world: World = SINGLE  # torch.distributed ranks sharing each step's cameras (tracking.distributed)
 
 
 def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list[int]], *, n_frames: int,
@@ -285,7 +287,7 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
     stage.extra_stats["_bar"] = bar
     for step in range(stage.steps):
         poison = fault_at(stage.t, step) == "nan"
-        index = order[step]
+        index = rank_cameras(order[step], stage.world)   # this rank's share of the step's cameras
         act = stage.render_inputs()
         out = render(act, views, index, config, densify=stage.densify)
         images, segs = targets.batch(index)
@@ -298,16 +300,24 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
                 terms[term.name] = value
         loss = L.total_loss(terms, config)
         loss.backward()
+        # Each rank's loss is the mean over its views; the mean of the ranks' gradients is the
+        # gradient of the mean over all of the step's views, so every rank takes the same step.
+        average_gradients(_optimised(stage.optimizer), stage.world)
         stage.optimizer.step()
         if stage.after_step is not None:
             stage.after_step(step, out, index)
         stage.optimizer.zero_grad(set_to_none=True)
         log.record(step, loss, L.psnr(ctx.rgb.clamp(0, 1), images), terms, poison)
         if log.due() or step == stage.steps - 1:
+            check_in_sync(_optimised(stage.optimizer), stage.world, f"frame {stage.t}, step {step}")
             last = log.flush()
             if last is not None:
                 bar.update(step + 1, *last, stage.params["means"].shape[0])
     return log.curves
+
+
+def _optimised(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @functools.cache
@@ -373,7 +383,8 @@ def _batch_lr_factor(config: TrackingConfig) -> float:
 
 # ----------------------------------------------------------------------------- t = 0
 def fit_first_frame(seq, points: np.ndarray, config: TrackingConfig, scene_radius: float, has_masks: bool,
-                    device: torch.device, *, progress: bool = True, echo: Callable[[str], None] = print
+                    device: torch.device, *, progress: bool = True, echo: Callable[[str], None] = print,
+                    world: World = SINGLE
                     ) -> tuple[dict[str, torch.Tensor], FrameRecord, list[dict]]:
     """Reconstruct frame 0; returns the parameters (CPU), frame 0's record and the densification log."""
     from .targets import load_targets
@@ -394,17 +405,29 @@ def fit_first_frame(seq, points: np.ndarray, config: TrackingConfig, scene_radiu
 
     def after_step(step: int, out, index: list[int]) -> None:
         W, H = views.sizes[index[0]]
-        last = len(index) - 1
         try:
+            densify_grad, radii = out.densify_grad, out.radii
+            if world.active:
+                # Every rank gets every view's statistics, in the step's camera order, and accumulates
+                # them as one process does. A rank's loss is the mean over its B / N views, the step's
+                # the mean over all B: each view's screen-space gradient is N times the one-process
+                # value (N a power of two: exactly).
+                densify_grad = gather_views(densify_grad / world.size, world)
+                radii = gather_views(radii, world)
+                n_before = params["means"].shape[0]
+            last = densify_grad.shape[0] - 1
             for b in range(last):  # every view counts once; the last one also runs the schedule
-                strategy.accumulate(dstate, step, out.densify_grad[b], out.radii[b], W, H)
-            strategy.step_post_backward(params, optimizer, dstate, step, gen, densify_grad=out.densify_grad[last],
-                                        radii=out.radii[last], width=W, height=H)
+                strategy.accumulate(dstate, step, densify_grad[b], radii[b], W, H)
+            strategy.step_post_backward(params, optimizer, dstate, step, gen, densify_grad=densify_grad[last],
+                                        radii=radii[last], width=W, height=H)
+            if world.active and params["means"].shape[0] != n_before:
+                check_in_sync(_optimised(optimizer), world, f"frame 0, refinement at step {step}")
         except AllGaussiansPrunedError as exc:
             raise TrackingError(str(exc)) from None
 
     stage = Stage(L.FIRST, 0, config.steps_first, config, params, optimizer, lambda: activated(params),
-                  lambda: (params["cam_m"], params["cam_c"]), densify=True, after_step=after_step, generator=gen)
+                  lambda: (params["cam_m"], params["cam_c"]), densify=True, after_step=after_step, generator=gen,
+                  world=world)
     curves = optimise(stage, views, targets, order, n_frames=seq.n_frames, progress=progress, echo=echo)
     _, record = _finish(stage, curves, time.perf_counter() - t0, seq, params["means"].shape[0])
     final = {k: v.detach().cpu() for k, v in params.items()}
@@ -452,7 +475,8 @@ UNFROZEN_KEYS = ("logit_opacities", "log_scales", "cam_m", "cam_c")
 
 def fit_next_frame(seq, t: int, prev: FrameRecord, prev2: FrameRecord, static: _Static, views: Views,
                    config: TrackingConfig, scene_radius: float, has_masks: bool, device: torch.device, *,
-                   progress: bool = True, echo: Callable[[str], None] = print) -> FrameRecord:
+                   progress: bool = True, echo: Callable[[str], None] = print, world: World = SINGLE
+                   ) -> FrameRecord:
     """Fit frame t > 0 from the records of t - 1 and t - 2 (t - 2 = t - 1 at t = 1: zero velocity)."""
     from .targets import load_targets
 
@@ -510,7 +534,7 @@ def fit_next_frame(seq, t: int, prev: FrameRecord, prev2: FrameRecord, static: _
     gen = frame_generator(config.seed, t)
     order = camera_order(gen, len(cams), config.steps_per_frame, config.cameras_per_step)
     stage = Stage(L.NEXT, t, config.steps_per_frame, config, params, optimizer, render_inputs, camera_colour,
-                  static=static, frame=frame, generator=gen)
+                  static=static, frame=frame, generator=gen, world=world)
     curves = optimise(stage, views, targets, order, n_frames=seq.n_frames, progress=progress, echo=echo)
     _, record = _finish(stage, curves, time.perf_counter() - t_start, seq, params["means"].shape[0])
     return record
