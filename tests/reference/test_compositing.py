@@ -11,7 +11,10 @@ Tolerances:
 |                                |                                | >= 1e-4 away from 1/255, 0.99, 1e-4 cut-offs|
 | absgrad / densify_grad         | atol 1e-12, rtol 1e-10         | float64, same quantities summed differently |
 | chunk / batch / sub-tile sizes | atol 1e-6, rtol 1e-5 (float32) | same entries and order; only the grouping   |
-|                                |                                | of float32 products and sums differs        |
+|   images                       |                                | of float32 products and sums differs        |
+|   gradients                    | atol 1e-6 x max abs, rtol 1e-4 | backward recovers T_i by dividing T_final by|
+|                                |                                | per-chunk products: the chain length depends|
+|                                |                                | on K (measured: 2.3e-5 relative at K = 1)   |
 """
 
 import pytest
@@ -230,8 +233,10 @@ def test_chunk_batch_and_sub_tile_sizes_do_not_change_results():
         (out.colors.square().sum() + out.depths.sum()).backward()
         results.append((out.colors, out.alphas, out.depths, out.median_depths, m.grad, col.grad))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0][:4], other[:4]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for a, b in zip(results[0][4:], other[4:]):
+            torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-4)
 
 
 def test_transmittance_stop_and_alpha_cap():
