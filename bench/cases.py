@@ -1,6 +1,6 @@
 """Benchmark case registry: name -> scene inputs for `tritonsplat.rasterize`.
 
-`random` (the foundation issue's definition): Gaussians uniform in the camera frustum at 2-6 m,
+`random` (the rasterizer benchmark's definition): Gaussians uniform in the camera frustum at 2-6 m,
 log-uniform world scales chosen so that the mean 3-sigma screen radius is about 4 px at any
 resolution, random rotations, opacity U(0.05, 1), RGB colours U(0, 1), seed 0. One camera at the
 origin looking down +z with fx = fy = 0.8 W and the principal point at the image centre.

@@ -33,7 +33,7 @@ DEFAULT_OUT = Path("bench") / "results"
 QUICK_OUT = DEFAULT_OUT / "quick"
 RESOLUTION_NAMES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 
-# Default grids (issue 8): up to 100k Gaussians at 640x360 on a CPU, 10k..1M at three resolutions on a GPU.
+# Default grids: up to 100k Gaussians at 640x360 on a CPU, 10k..1M at three resolutions on a GPU.
 DEFAULTS = {
     "render": {"cpu": dict(sizes="10k,50k,100k", resolutions="360p", cases="random,fitted"),
                "cuda": dict(sizes="10k,30k,100k,300k,1M", resolutions="360p,720p,1080p",
@@ -248,9 +248,15 @@ def _run_stages(options: dict, defaults: dict | None = None):
 @click.option("--foreground", default=None,
               help="Comma-separated foreground Gaussian counts for the tracking step (KNN, rigidity losses) "
                    f"[default: {DEFAULT_FOREGROUND['cpu']} on CPU, {DEFAULT_FOREGROUND['cuda']} on CUDA].")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Camera-parallel step on N gloo processes (CPU): records allreduce_bytes, allreduce_ms, "
+                   "render_ms and step_ms per step, one view per process.")
 @bench_command
-def step(foreground: str | None, **options) -> None:
+def step(foreground: str | None, world_size: int | None, **options) -> None:
     """One training step (forward + backward + Adam) and its parts; the tracking step's parts."""
+    if world_size is not None:
+        _distributed_step(world_size, options)
+        return
     config, records, state, foreground_sizes = _run_step(options, foreground)
     _finish("step", records, config, options["out"], {"foreground": list(foreground_sizes)}, merge=options["merge"])
     _exit_on_failures(state)
@@ -266,6 +272,30 @@ def _run_step(options: dict, foreground: str | None, defaults: dict | None = Non
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--foreground") from error
     return config, run_step(config, state, foreground_sizes, _progress), state, foreground_sizes
+
+
+def _distributed_step(world_size: int, options: dict) -> None:
+    from .distributed_step import measure_distributed_step
+
+    state = RunState(keep_going=options["keep_going"], echo=_progress)
+    defaults = dict(sizes="50k", resolutions="360p", cases="random")
+    config = build_config("step", {**options, "device": options["device"] or "cpu"}, state, defaults)
+    if config.device != "cpu":
+        raise click.BadParameter("the multi-process step runs on CPU with gloo here; on GPUs use torchrun",
+                                 param_hint="--world-size")
+    backend = options["backend"] or "torch"
+    records = []
+    for spec in config.cases:
+        for size in config.sizes:
+            for width, height in config.resolutions:
+                _progress(f"step --world-size {world_size}: {spec} {size} {width}x{height}")
+                record = measure_distributed_step(world_size, spec, size, width, height, backend=backend,
+                                                  warmup=config.warmup, repeats=config.repeats)
+                d = record.details
+                _progress(f"  render {d['render_ms']:.1f} ms, all-reduce {d['allreduce_ms']:.2f} ms "
+                          f"({d['allreduce_bytes'] / 1e6:.1f} MB), step {d['step_ms']:.1f} ms")
+                records.append(record)
+    _finish("step", records, config, options["out"], {"world_size": world_size}, merge=True)
 
 
 @cli.command("compile-report")
@@ -385,7 +415,7 @@ def all_benchmarks(quick: bool, foreground: str | None, compile_timeout: float |
     click.echo("== plot", err=True)
     for path in plot_results(options["out"] / device_slug(config.device)):
         click.echo(f"wrote {path}")
-    click.echo("\ntargets (issue 8):")
+    click.echo("\ntargets:")
     click.echo(format_summary(everything))
     click.echo(f"all{' --quick' if quick else ''}: {time.perf_counter() - started:.0f} s")
     if failures:

@@ -1,7 +1,7 @@
 """The one timing harness of `bench`: warm-up and repeats, percentiles, stage timers, peak memory,
 machine information and the JSON writer.
 
-Timing method (issue 8): `warmup` untimed calls, then `repeats` timed calls; each record keeps the
+Timing method: `warmup` untimed calls, then `repeats` timed calls; each record keeps the
 median and the 20th/80th percentiles (linear interpolation, as numpy.percentile) in milliseconds.
 On CUDA every call is bracketed by CUDA events on the current stream and read after one
 synchronisation; elsewhere by `time.perf_counter` (with `torch.cuda.synchronize` before reading the

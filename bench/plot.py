@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .harness import MEMORY_KINDS, load_results  # noqa: E402
 
-FORWARD_FPS_TARGET = 3000.0  # issue 8, at 300k Gaussians 640x360 on one H100
+FORWARD_FPS_TARGET = 3000.0  # the project's target, at 300k Gaussians 640x360 on one H100
 
 
 def _measured(records: Sequence[dict], benchmark: str, metric: str | None = None) -> list[dict]:

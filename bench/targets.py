@@ -1,4 +1,4 @@
-"""The targets of issue 8, checked beside every measurement, and the printed results table.
+"""The project's speed targets, checked beside every measurement, and the printed results table.
 
 Each record of a run gets the target of its benchmark/metric/backend (or none), `meets_target`
 (True/False where the measurement is the target's setting, None elsewhere) and `target_status`:
@@ -18,11 +18,11 @@ RANDOM_CASES = ("random", "original")
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issue and the measurements it is about.
+    """One target of the project and the measurements it is about.
 
     Attributes:
         id: short stable name (stored in records).
-        text: the target as the issue states it.
+        text: the target as the project states it (README, Benchmarks).
         benchmark, metric: which records it is about.
         backends: backends it applies to (None: all).
         device_contains: substring of the device name it is stated for ("H100"), "cpu", or None.
@@ -192,7 +192,7 @@ def apply_targets(records: Sequence[Record]) -> None:
 
 
 def target_summary(records: Sequence[Record]) -> list[tuple[str, str]]:
-    """One line per target of the issue: its status in this run, or why it was not measured."""
+    """One line per target: its status in this run, or why it was not measured."""
     lines = []
     for target in TARGETS:
         relevant = [r for r in records if r.target is not None and r.target["id"] == target.id
@@ -246,7 +246,7 @@ def format_table(records: Sequence[Record]) -> str:
 
 
 def format_summary(records: Sequence[Record]) -> str:
-    """The issue's targets, one per line, with this run's verdict."""
+    """The targets, one per line, with this run's verdict."""
     lines = []
     for text, status in target_summary(records):
         verdict, _, reason = status.partition(": ")

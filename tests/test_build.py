@@ -85,3 +85,4 @@ def test_wheel_contents_are_the_packages_only(wheel):
     assert {f"tritonsplat-{_version()}.dist-info/{d}LICENSE" for d in ("licenses/", "")} & set(names)
     assert "tritonsplat-track = tracking.cli:main" in entry_points
     assert "data-tools = data_tools.cli:main" in entry_points
+    assert "tritonsplat = tritonsplat.cli:main" in entry_points

@@ -3,7 +3,7 @@
 Tolerances:
 | output                     | atol / rtol            | why                                                   |
 |----------------------------|------------------------|-------------------------------------------------------|
-| colors, alphas (float64)   | 1e-5 / 1e-5            | the issue's contract; float64 differs only by rounding |
+| colors, alphas (float64)   | 1e-5 / 1e-5            | the rasterize contract; float64 differs only by rounding |
 | depths, median (float64)   | 0 / 1e-5 (relative)    | depths are metres: compare relatively                 |
 | colors (float32 inputs)    | 1e-5 / 1e-5            | float32 compute; scan and weights keep ~1e-7 error    |
 | pixels near a cut-off      | excluded               | within 1e-5 of 1/255, 0.99 or 1e-4 a decision may flip |

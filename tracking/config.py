@@ -337,7 +337,7 @@ _DEMO = TrackingConfig(
                           prune_big_scale=0.02),
     # The demo was tuned and measured (numbers above) with the colour term at its intended 0.01.
     weights=LossWeights(colour=0.01),
-    # Track readout keeps the rule (influence 0.5, else static background) so that mte_3d means the
+    # Track readout keeps the documented rule (influence 0.5, else static background) so that mte_3d means the
     # same in every preset. At 160x120 a pixel spans ~2 cm, about the size of the Gaussians, whose centres
     # sit ~2 sigma inside the true surface, so few surface points reach 0.5: metrics.json also reports the
     # readout that always follows the highest-influence Gaussian (keys *_highest_influence).

@@ -5,7 +5,7 @@ Tolerances:
 |-------------------------------|------------------------------------------|-----------------------------------|
 | means2d, conics, depths, SH   | atol 1e-5, rtol 1e-5                     | float32 kernel vs float64 twin    |
 | radii                         | exact                                    | same float32 rule; off integers   |
-| gradients                     | ||diff|| <= 1e-4 ||g||, and elementwise   | the issue's; atol scaled by the   |
+| gradients                     | ||diff|| <= 1e-4 ||g||, and elementwise   | the contract; atol scaled by the  |
 |                               | rtol 1e-3, atol 1e-6 x max|g|            | magnitude (entries span 6 decades)|
 """
 

@@ -5,10 +5,10 @@ Scenes stay <= 32x32 pixels and <= 64 Gaussians (the interpreter costs ~40 us pe
 Tolerances:
 | quantity                          | tolerance                             | why                              |
 |-----------------------------------|---------------------------------------|----------------------------------|
-| colors, alphas                    | atol 1e-5, rtol 1e-5                  | the issue's; float32 kernels     |
+| colors, alphas                    | atol 1e-5, rtol 1e-5                  | the backend contract; float32    |
 | depths, median depths             | relative 1e-5 (atol 0)                | metres: relative                 |
 | radii                             | exact                                 | same float32 rule                |
-| gradients (vs torch backend fp64) | ||diff|| <= 1e-4 ||g||, and element-  | the issue's; atol scaled by the  |
+| gradients (vs torch backend fp64) | ||diff|| <= 1e-4 ||g||, and element-  | the contract; atol scaled by the |
 |                                   | wise rtol 1e-3, atol 1e-6 x max|g|    | magnitude (entries span 6 decades)|
 | means2d.grad / absgrad / densify  | as gradients                          | same reductions                  |
 | deterministic=True                | bit-identical                         | fixed-order reduction            |

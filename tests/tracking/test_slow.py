@@ -26,7 +26,7 @@ def test_demo_targets(tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert m["preset"] == "demo"
-    # Targets of the issue: PSNR >= 30 dB, survival 100 %, mte_3d_pct <= 2. Under the issue's 0.5-influence
+    # The demo's targets: PSNR >= 30 dB, survival 100 %, mte_3d_pct <= 2. Under the 0.5-influence
     # readout most ground-truth surface points of the 160x120 demo fall back to static (measured mte_3d_pct
     # 4.9 %, reported, not asserted); following the highest-influence Gaussian meets 2 %.
     assert m["psnr"] >= 30.0 and m["survival_3d"] == 100.0, m

@@ -459,7 +459,7 @@ def _sh_backward(sh_ptr, grad_sh_ptr, base, grad_base, mask, x, y, z, grad_red, 
 #  4. mean2d = (fx x/z + cx, fy y/z + cy); depth = z; p = R mu + t: g_mu = R^T g_p, g_R += g_p mu^T,
 #     g_t += g_p.
 #  5. S = M M^T, M = R_q diag(s): g_M = 2 G M with G the symmetric gradient (off-diagonal halved),
-#     g_s_j = sum_i R_q,ij g_M_ij, g_R_q = g_M diag(s), then the quaternion formula (renderers.md 5.6)
+#     g_s_j = sum_i R_q,ij g_M_ij, g_R_q = g_M diag(s), then the quaternion formula (d of Kerbl et al. 2023 Eq. 6 by q)
 #     and the normalisation g_q = (g_qhat - (g_qhat . qhat) qhat) / |q|.
 #  6. SH: g_sh_k = Y_k g_colour (where the +0.5 clamp is inactive); the direction d = v/|v|,
 #     v = mu - centre: g_v = (g_d - (g_d.d) d)/|v| goes to mu and, through centre = -R^T t, to R and t.

@@ -10,14 +10,13 @@ Torch twin of `tritonsplat.ops.binning`. Two notions live here:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .. import constants
 from ..settings import RenderSettings
+from ..types import TileBins
 
-# Relative safety margin on the binned ellipse's extent (0.1 %; the issue allows up to 1 %): the
+# Relative safety margin on the binned ellipse's extent (0.1 %; the binning contract allows up to 1 %): the
 # compositor's float32 exp() may accept a pixel a few ulps outside the exact level set.
 BINNING_EXTENT_MARGIN = 1.001
 
@@ -32,22 +31,10 @@ MAX_INTERSECTIONS = 2**31 - 1
 PAD_KEY = 2**63 - 1
 
 
-class TileBins(NamedTuple):
-    """What `bin_tiles` returns: one key per (camera, tile, Gaussian) intersection, in flat Gaussian
-    order c * N + g, then row-major tile order (a stable sort then orders equal depths by index).
-
-    Capacity mode (`max_intersections=N`): keys and ids have exactly N entries; the first
-    min(n_intersections, N) are the intersections in emit order (those past N are dropped), the rest
-    are padding (key PAD_KEY, which sorts last; id 0). n_intersections is then a 0-d int64 tensor
-    holding the full count and overflow a 0-d bool tensor, True when the count exceeded N.
-    """
-
-    keys: torch.Tensor                  # [M] int64: camera | tile << 32 | float32 bits of depth
-    gaussian_ids: torch.Tensor          # [M] int32 flat index c * N + g
-    tiles_per_gaussian: torch.Tensor    # [C, N] int32 (all intersections, also those dropped)
-    n_intersections: int | torch.Tensor = 0   # int; capacity mode: 0-d int64 tensor
-    overflow: torch.Tensor | None = None      # None; capacity mode: 0-d bool tensor
-    depth_order: torch.Tensor | None = None   # always None here (int32 depth-rank keys are Triton's)
+# Capacity mode (`max_intersections=N`) here: keys and ids have exactly N entries; the first
+# min(n_intersections, N) are the intersections in emit order (those past N are dropped), the rest
+# are padding (key PAD_KEY, which sorts last; id 0); depth_order is always None (int32 depth-rank
+# keys are the Triton backend's).
 
 
 def inria_tile_rectangles(means2d: torch.Tensor, radii: torch.Tensor,

@@ -47,16 +47,6 @@ DEFAULT_SUB_TILE = 8
 LOG_TRANSMITTANCE_STOP = math.log(constants.TRANSMITTANCE_STOP)
 
 
-class CompositeOutput(NamedTuple):
-    """The former compositor output (un-normalised depth sums), still built by the current
-    `ops.compositing`; this module returns `types.CompositeOutput`. Delete once nothing imports it."""
-
-    colors: torch.Tensor         # [C, H, W, D]
-    alphas: torch.Tensor         # [C, H, W, 1]
-    depth_sums: torch.Tensor     # [C, H, W, 1] sum_i alpha_i T_i z_i (not normalised)
-    median_depths: torch.Tensor  # [C, H, W, 1]
-
-
 def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
                 deterministic: bool) -> None:
     """target[index] += values along dim 0; with `deterministic` on CUDA, a fixed-order reduction."""
