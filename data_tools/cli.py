@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from tritonsplat.cli import user_errors
+
 from .cameras import axes_focus
-from .errors import DataError
 from .init_points import build_init_points, default_init_points_path, write_init_points
 from .loader import load
 from .synthetic import SynthConfig, make_synthetic_scene
@@ -20,24 +21,20 @@ from .writer import is_writable_dir, write_panoptic
 
 
 def _friendly_errors(fn):
-    """Turn data errors into one-line click errors (no traceback); print user warnings as one line."""
+    """Data errors and unreadable files as one-line errors (tritonsplat.cli.user_errors); user warnings
+    printed as one line each."""
 
+    @user_errors
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UserWarning)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    for w in caught:
-                        if issubclass(w.category, UserWarning):
-                            click.echo(f"warning: {w.message}", err=True)
-        except DataError as exc:
-            raise click.ClickException(str(exc)) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            name = exc.filename or ""
-            raise click.ClickException(f"{name}: {exc.strerror}" if name else str(exc)) from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, UserWarning):
+                        click.echo(f"warning: {w.message}", err=True)
 
     return wrapper
 

@@ -14,9 +14,7 @@ shows progress. User mistakes print one line and exit with a non-zero code (no t
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,49 +22,19 @@ from pathlib import Path
 import click
 
 from data_tools.cli import parse_frames  # one 'A:B[:STEP]' parser for both CLIs
+from tritonsplat.cli import user_errors
 
 from .config import PRESETS, TrackingConfig
-from .errors import InjectedFault, TrackingError
+from .errors import TrackingError
 
 DEMO_DATA = "data"  # the demo's generated data lives in OUT/data
 
 
-class _Exit(click.ClickException):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.exit_code = code
-
-
-def _friendly_errors(fn):
-    """Turn expected failures into one-line messages with exit codes (see the module docstring)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from data_tools import DataError
-
-        try:
-            return fn(*args, **kwargs)
-        except TrackingError as exc:
-            raise _Exit(str(exc), exc.exit_code) from None
-        except DataError as exc:
-            raise _Exit(str(exc), 1) from None
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: every completed frame is kept; run the same command to resume", err=True)
-            sys.exit(130)
-        except InjectedFault as exc:
-            raise _Exit(str(exc), 75) from None
-        except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise _Exit(f"disk full while writing {exc.filename or ''}: completed frames are kept; free space "
-                            "and run the same command to resume", 4) from None
-            if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-                name = exc.filename or ""
-                raise _Exit(f"{name}: {exc.strerror}" if name else str(exc), 1) from None
-            raise
-        except ValueError as exc:
-            raise _Exit(str(exc), 1) from None
-
-    return wrapper
+# One-line messages and exit codes for expected failures (the table above), shared by the whole
+# `tritonsplat` command family.
+_friendly_errors = user_errors(
+    on_interrupt="interrupted: every completed frame is kept; run the same command to resume",
+    disk_full="completed frames are kept; free space and run the same command to resume")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -50,6 +50,8 @@ class StorageError(TrackingError):
 class InjectedFault(RuntimeError):
     """Raised by fault injection (TRITONSPLAT_FAULT_AT=...:raise)."""
 
+    exit_code = 75
+
 
 def _parse_fault() -> tuple[int, str, str] | None:
     spec = os.environ.get(FAULT_ENV, "").strip()
