@@ -9,10 +9,11 @@ statistics would then densify other Gaussians, and the counts and checksums woul
 
 Tolerance: the ranks average gradients that one process sums inside its backward, so the
 gradients differ in the last bits, and Adam turns that into lr-sized differences wherever a
-gradient is rounding noise (m / sqrt(v) of a near-zero gradient has either sign). Seen: 1.4 % of the
-t > 0 mean coordinates more than 1e-4 apart. So: the Gaussian counts are equal; at least 97 % of the
-t > 0 means and rotations agree to 1e-4; and every entry lies within Adam's step bound, lr x steps
-(an update moves a parameter by at most about lr), of the one-process value.
+gradient is rounding noise (m / sqrt(v) of a near-zero gradient has either sign). Seen, in units of
+each parameter's learning rate, at t = 1 and 2: median 0.001, 90th percentile 0.01-0.25, 99th
+0.26-0.93, maximum 3.9-14.7 (of 38-46 steps). So: equal Gaussian counts; median difference within
+0.01 lr (the bulk agrees to float32 rounding); 95 % within one Adam step (lr); every entry within
+Adam's step bound, lr x steps.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def test_two_gloo_processes_match_one_process(tiny_scene, tmp_path):
         steps = config.steps_first + t * config.steps_per_frame
         for name, lr in (("means", config.lr.means * float(one.scene_radius)), ("quats", config.lr.quats)):
             ours, reference = np.asarray(getattr(two, name)[t]), np.asarray(getattr(one, name)[t])
-            gap = np.abs(ours - reference)
-            assert (gap <= 1e-4).mean() >= 0.97, f"{name}[{t}]: {(gap > 1e-4).mean():.1%} beyond 1e-4"
-            assert gap.max() <= lr * steps, f"{name}[{t}]: {gap.max():.2e} beyond Adam's bound {lr * steps:.2e}"
+            gap = np.abs(ours - reference) / lr
+            assert np.median(gap) <= 0.01, f"{name}[{t}]: median difference {np.median(gap):.3f} lr"
+            assert np.quantile(gap, 0.95) <= 1.0, f"{name}[{t}]: 95th percentile {np.quantile(gap, 0.95):.2f} lr"
+            assert gap.max() <= steps, f"{name}[{t}]: {gap.max():.1f} lr beyond Adam's bound of {steps} steps"
 
 
 def test_indivisible_cameras_per_step_is_a_clear_error(tiny_scene, tmp_path):
