@@ -85,7 +85,7 @@ SCENES = [
     pytest.param(dict(n=48, width=23, height=17), {}, id="random-C1-D3-23x17"),
     pytest.param(dict(n=40, width=32, height=32, n_cameras=3, n_channels=4, backgrounds=True), {},
                  id="C3-D4-32x32-bg"),
-    # ~3 min under the interpreter (five 8-channel launches x 3 cameras); D > 8 with densify stays in the
+    # ~3 min under the interpreter (five 8-channel launches x 3 cameras); D > 8 stays in the
     # default run through C1-D33-bg here and the chunked cases of tests/ops/test_compositing.py.
     pytest.param(dict(n=32, width=20, height=18, n_cameras=3, n_channels=33), {"densify_channels": 3},
                  id="C3-D33-densify", marks=pytest.mark.slow),
