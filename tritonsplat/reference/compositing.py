@@ -26,6 +26,7 @@ whatever the image size; the outputs and saved state are O(pixels), nothing is O
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -397,6 +398,18 @@ class _Options(NamedTuple):
     sub_tile: int
 
 
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """What of one `composite` call receives no gradient: the tile lists, the options and the tensors
+    backward adds into. One autograd argument, so backward returns (*grads, None)."""
+
+    tile_ranges: torch.Tensor                  # [C * n_tiles, 2] int32
+    sorted_ids: torch.Tensor                   # [M] int32
+    options: _Options
+    densify_grad: torch.Tensor | None          # [C, N, 2]
+    means2d_for_absgrad: torch.Tensor | None   # [C, N, 2]
+
+
 class _CompositeFunction(torch.autograd.Function):
     """Forward: `_forward_tiles`. Backward: the vector-Jacobian product below, chunk by chunk.
 
@@ -416,8 +429,8 @@ class _CompositeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids, options,
-                densify_grad, means2d_for_absgrad):
+    def forward(ctx, means2d, conics, opacities, colors, depths, backgrounds, call: _Call):
+        options, tile_ranges, sorted_ids = call.options, call.tile_ranges, call.sorted_ids
         settings = options.settings
         n_cameras = means2d.shape[0]
         flat = _flat_inputs(means2d, conics, opacities, colors, depths)
@@ -440,9 +453,9 @@ class _CompositeFunction(torch.autograd.Function):
         if result.median is not None:
             median = _to_image(result.median[..., None], n_cameras, grid, settings).contiguous()
             ctx.mark_non_differentiable(median)
-        ctx.save_for_backward(means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids,
-                              result.final, result.last, alphas, depths_out)
-        ctx.options, ctx.densify_grad, ctx.means2d_for_absgrad = options, densify_grad, means2d_for_absgrad
+        ctx.save_for_backward(means2d, conics, opacities, colors, depths, backgrounds, result.final, result.last,
+                              alphas, depths_out)
+        ctx.options, ctx.densify_grad, ctx.means2d_for_absgrad = options, call.densify_grad, call.means2d_for_absgrad
         ctx.grid, ctx.layout, ctx.records = grid, layout, records
         return colors_out.contiguous(), alphas, depths_out.contiguous(), median
 
@@ -453,8 +466,8 @@ class _CompositeFunction(torch.autograd.Function):
 
 
 def _backward(ctx, grad_colors, grad_alphas, grad_depths):
-    (means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids, final_tiles, last_tiles,
-     alphas, depths_out) = ctx.saved_tensors
+    means2d, conics, opacities, colors, depths, backgrounds, final_tiles, last_tiles, alphas, depths_out = (
+        ctx.saved_tensors)
     options = ctx.options
     settings = options.settings
     n_cameras, n = means2d.shape[:2]
@@ -569,8 +582,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     grad_opacities = grad_opacity_rows.reshape(n_cameras, n).sum(0)
     grad_colors_in = grad_color_rows.reshape(colors.shape)
     return (grad_means.to(dtype).reshape(n_cameras, n, 2), grad_conics.to(dtype).reshape(n_cameras, n, 3),
-            grad_opacities, grad_colors_in, grad_depths_flat.reshape(n_cameras, n), grad_backgrounds,
-            None, None, None, None, None)
+            grad_opacities, grad_colors_in, grad_depths_flat.reshape(n_cameras, n), grad_backgrounds, None)
 
 
 class _BackwardChunk(NamedTuple):
@@ -698,8 +710,8 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
     options = _Options(settings, tuple(outputs), absgrad, densify_channels, color_grad_channels, deterministic,
                        chunk_entries, tile_batch, sub_tile)
     colors_out, alphas, depths_out, median = _CompositeFunction.apply(
-        means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids, options, densify_grad,
-        means2d_for_absgrad if absgrad else None)
+        means2d, conics, opacities, colors, depths, backgrounds,
+        _Call(tile_ranges, sorted_ids, options, densify_grad, means2d_for_absgrad if absgrad else None))
     images = {"colors": colors_out, "alphas": alphas, "depths": depths_out, "median_depths": median}
     return types.CompositeOutput(*(images[name] if name in options.outputs else None
                                    for name in types.CompositeOutput._fields))
