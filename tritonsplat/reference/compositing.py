@@ -37,10 +37,11 @@ from ..settings import RenderSettings
 from ..types import ALL_OUTPUTS, CompositeState
 
 # Entries per chunk (K), sub-tiles per batch and sub-tile side (S), float32 compute for float32 inputs.
-# Measured on a 2-core CPU (AMD EPYC, torch 2.13, 1 thread, machine load average 10-12, so absolute
-# times are ~8x an idle core's), forward + backward of the basketball early-fit scene (8,441
-# Gaussians, 160x90, D = 6): S = 8, K = 32, batch 128: 1.20 s; S = 4: 1.35-1.49 s; K = 16: 1.96 s;
-# K = 64: 2.0 s; S = 16 (whole tiles): 2.33 s. The noise at that load is about 30 %.
+# Measured on a 2-core CPU (AMD EPYC, torch 2.13, 1 thread), forward + backward of the basketball
+# early-fit scene (8,441 Gaussians, 160x90, D = 6; 30,893 sub-tile entries, 96 % walked): idle machine,
+# S = 8, K = 32, batch 128: 0.28 s; batch 512: 0.37 s (the [A, K, P] temporaries leave the L2 cache);
+# K = 64, batch 512: 0.35 s; K = 16, batch 512: 0.32 s; S = 4, batch 512: 0.35 s. At load average 10-12:
+# S = 8, K = 32, batch 128: 1.20 s; S = 4: 1.35-1.49 s; K = 16: 1.96 s; K = 64: 2.0 s; S = 16: 2.33 s.
 DEFAULT_CHUNK_ENTRIES = 32
 DEFAULT_TILE_BATCH = 128
 DEFAULT_SUB_TILE = 8
