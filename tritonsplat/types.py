@@ -171,6 +171,8 @@ class RasterizeOutput:
         n_intersections: tile-Gaussian pairs produced by the backend's binning (both backends bin with
             the same exact ellipse-tile test, so the counts agree up to float rounding at the level set):
             an int, or with `max_intersections=N` a 0-d int64 tensor on the device (no host read).
+            The torch compositor refines each tile's list into 8x8 sub-tile lists with the same test;
+            those entries, which it walks, are not what this counts.
         densify_grad: with densify_channels=k, [C, N, 2] filled by backward with the screen-space
             gradient from the upstream gradient of colors[..., :k] alone; else None.
         backend: the backend that ran ("torch" or "triton").
