@@ -34,10 +34,6 @@ def variants() -> dict[str, TrackingConfig]:
 
     return {
         "full": demo,
-        # The paper's 3GS-O with the demo's steps and CPU settings: no priors, no velocity extrapolation,
-        # nothing frozen after t = 0, no segmentation render (see the 3gs-online preset).
-        "3gs-online": replace(demo, preset="3gs-online", priors=(), velocity_init=False, freeze_after_first=False,
-                              weights=replace(demo.weights, seg=0.0, floor=0.0, colour=0.0)),
         "no-rigid": without("rigid"),
         "no-rot": without("rot"),
         "no-iso": without("iso"),
@@ -46,6 +42,10 @@ def variants() -> dict[str, TrackingConfig]:
         "no-freeze": replace(demo, freeze_after_first=False),
         # What the released code computes: its colour-consistency term is identically zero.
         "colour-term-off": replace(demo, weights=replace(demo.weights, colour=0.0)),
+        # The paper's 3GS-O with the demo's steps and CPU settings: no priors, no velocity extrapolation,
+        # nothing frozen after t = 0, no segmentation render (see the 3gs-online preset).
+        "3gs-online": replace(demo, preset="3gs-online", priors=(), velocity_init=False, freeze_after_first=False,
+                              weights=replace(demo.weights, seg=0.0, floor=0.0, colour=0.0)),
     }
 
 
@@ -74,17 +74,36 @@ def seed_from_full(full: Path, out: Path, cfg: TrackingConfig) -> None:
     write_run(out, run)     # last: a run.h5 means t = 0 is complete
 
 
+def truncated_copy(run: Path, out: Path, n_frames: int) -> Path:
+    """A copy of `run` holding only its first n_frames frames (evaluates as the fit of those frames)."""
+    import shutil
+
+    from tracking.store import frame_path
+
+    if out.exists():
+        shutil.rmtree(out)
+    frame_path(out, 0).parent.mkdir(parents=True)
+    for t in range(n_frames):
+        shutil.copyfile(frame_path(run, t), frame_path(out, t))
+    for name in ("config.json", "init_pt_cld.npz", "run.h5"):
+        if (run / name).exists():
+            shutil.copyfile(run / name, out / name)
+    return out
+
+
 def main(argv=None) -> None:
     import data_tools
     from tracking.evaluate import evaluate
     from tracking.fit import fit
+    from tracking.store import completed_frames
     from tracking.table import write_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all, in order)")
-    ap.add_argument("--table", type=Path, default=None, help="write PREFIX.md / PREFIX.csv of the finished runs")
-    ap.add_argument("--frames", type=int, default=None, help="fit only the first N frames (default: all 10)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="do not fit: evaluate every run on the frames all of them completed, write the table")
+    ap.add_argument("--table", type=Path, default=None, help="with --evaluate: write PREFIX.md / PREFIX.csv")
     args = ap.parse_args(argv)
     todo = variants()
     if args.only:
@@ -96,23 +115,39 @@ def main(argv=None) -> None:
     data = args.root / "data"
     if not (data / "gt_tracks.npz").exists():
         data_tools.make_synthetic_scene(data, progress=True, overwrite=True)
-    for name, cfg in todo.items():
-        out = args.root / name
-        if (out / "metrics.json").exists():
-            print(f"{name}: done, skipped", flush=True)
-            continue
-        t0 = time.perf_counter()
-        if name in SHARED_T0 and (args.root / "full" / "metrics.json").exists():
-            seed_from_full(args.root / "full", out, cfg)
-        frames = list(range(args.frames)) if args.frames else None
-        fit(data, out, cfg, frames=frames, progress=False)
-        m = evaluate(out, lpips=False, device="cpu")
-        print(f"{name}: {time.perf_counter() - t0:.0f} s, PSNR {m['psnr']:.2f} dB, mte_3d_pod_cm "
-              f"{m.get('mte_3d_pod_cm')}, {m['n_gaussians']:,} Gaussians", flush=True)
-    if args.table is not None:
-        done = [args.root / n for n in variants() if (args.root / n / "metrics.json").exists()]
-        md_path, csv_path, _ = write_table(done, args.table)
-        print(f"wrote {md_path} and {csv_path}")
+    n_frames = data_tools.load(data).n_frames
+    if args.evaluate:
+        done = {n: completed_frames(args.root / n) for n in todo}
+        common = min(done.values())
+        if common < 2:
+            raise SystemExit(f"fewer than 2 frames in every run: {done}")
+        runs = []
+        for name in todo:
+            run = args.root / name
+            if common < n_frames:
+                run = truncated_copy(run, args.root / f"first-{common}-frames" / name, common)
+            m = evaluate(run, lpips=False, device="cpu")
+            print(f"{name}: PSNR {m['psnr']:.2f} dB, mte_3d_pod_cm {m.get('mte_3d_pod_cm')}", flush=True)
+            runs.append(run)
+        if args.table is not None:
+            md_path, csv_path, _ = write_table(runs, args.table)
+            print(f"wrote {md_path} and {csv_path}")
+        return
+    # Frame rounds: every variant gets frame k before any gets frame k + 1, so that when time runs out all
+    # of them hold the same frames (compared with --evaluate on the frames all completed).
+    for k in range(1, n_frames + 1):
+        for name, cfg in todo.items():
+            out = args.root / name
+            if completed_frames(out) >= k:
+                continue
+            if name in SHARED_T0 and completed_frames(args.root / "full") >= 1:
+                seed_from_full(args.root / "full", out, cfg)
+                if completed_frames(out) >= k:
+                    continue
+            t0 = time.perf_counter()
+            fit(data, out, cfg, frames=list(range(k)), progress=False, echo=lambda s: None)
+            print(f"{time.strftime('%H:%M:%S')} {name}: frame {k - 1} in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
 
 
 if __name__ == "__main__":
