@@ -1,11 +1,13 @@
 """Ablations of Dynamic 3D Gaussians on the demo scene (the paper's Table 3 switches and its 3GS-O baseline).
 
-    python -m bench.ablations ROOT [--only NAME,...] [--table bench/results/<device>/ablations]
+    python -m bench.ablations ROOT [--only NAME,...]                       # fit (resumable; kill any time)
+    python -m bench.ablations ROOT --evaluate [--only ...] --table PREFIX  # compare on the common frames
 
 Fits each variant of the `demo` preset on the demo's synthetic scene (`data-tools synth` defaults: 160x120,
-12 train + 2 test cameras, 10 frames; generated once into ROOT/data) into ROOT/<name>, evaluates it, and
-builds the `tritonsplat-track table` of all finished runs. Resumable: a run with a metrics.json is skipped,
-an unfinished fit resumes from its last completed frame. Runs one after another (the fit uses every core).
+12 train + 2 test cameras, 10 frames; generated once into ROOT/data) into ROOT/<name>, in frame rounds:
+every variant gets frame k before any gets frame k + 1, so that when time runs out all hold the same
+frames. `--evaluate` evaluates every run on the frames all of them completed (copies truncated to those
+frames under ROOT/first-K-frames/ when fewer than all) and writes the `tritonsplat-track table`.
 
 The switches of the Table 3 variants act at t > 0 only (priors, velocity initialisation, freezing, the
 colour term), so their t = 0 is the `full` run's: it is fitted once, and each such variant starts from a
