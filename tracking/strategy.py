@@ -4,7 +4,8 @@ The schedule is Dynamic 3D Gaussians' (Luiten et al. 2024, original `external.de
 and harsher than 3DGS's (Kerbl et al. 2023):
 
 - every step <= stop: accumulate, for each Gaussian visible in the view, the norm of its screen-space
-  gradient of the RGB channels in NDC units (pixel gradient x (W/2, H/2));
+  gradient of the RGB channels in NDC units (pixel gradient x (W/2, H/2)), times W / grad_threshold_width
+  for views narrower than grad_threshold_width;
 - at steps start..stop that are multiples of `every`: Gaussians whose mean gradient is >= 2e-4 are
   cloned (max scale <= 0.01 x scene radius: an exact copy) or split (larger: two children offset by
   samples of the Gaussian, scales / 1.6, the parent removed); then Gaussians with opacity < 0.005
@@ -125,7 +126,12 @@ class DensifyStrategy:
             return
         scale = state.ndc_scales.get((width, height))
         if scale is None:  # one host-to-device copy per image size, not per step
-            scale = state.ndc_scales[(width, height)] = densify_grad.new_tensor([width / 2.0, height / 2.0])
+            # Narrow views count less (DensifyConfig.grad_threshold_width): their sub-pixel Gaussians
+            # have larger NDC gradients for the same under-reconstruction.
+            ref = c.grad_threshold_width
+            fewer = width / ref if 0 < width < ref else 1.0
+            scale = state.ndc_scales[(width, height)] = densify_grad.new_tensor([width / 2.0 * fewer,
+                                                                                 height / 2.0 * fewer])
         ndc = densify_grad * scale
         norm = ndc.norm(dim=-1)
         visible = radii > 0

@@ -156,3 +156,20 @@ def test_accumulate_uses_ndc_units_and_visibility():
     strat.accumulate(state, 0, grad, torch.tensor([3, 0]), width=640, height=360)
     assert state.grad_sum[0].item() == pytest.approx(1e-6 * 320, rel=1e-6)
     assert state.count.tolist() == [1.0, 0.0] and state.grad_sum[1] == 0
+
+
+def test_accumulate_scales_views_narrower_than_the_threshold_width():
+    # grad_threshold_width 640: a 64-pixel-wide view counts 64 / 640 of its NDC gradient, a wider one all of it;
+    # 0 switches the rescaling off. Tolerance: float32 products, rel 1e-6.
+    grad = torch.tensor([[1e-6, 0.0]])
+    visible = torch.tensor([3])
+    sums = {}
+    for ref, width in ((640, 64), (640, 1280), (0, 64)):
+        strat = DensifyStrategy(DensifyConfig(grad_threshold_width=ref), 1.0)
+        state = strat.initialize_state(1, "cpu")
+        strat.accumulate(state, 0, grad, visible, width=width, height=width * 3 // 4)
+        sums[ref, width] = state.grad_sum[0].item()
+    assert sums[640, 64] == pytest.approx(1e-6 * 32 * 0.1, rel=1e-6)
+    assert sums[640, 1280] == pytest.approx(1e-6 * 640, rel=1e-6)
+    assert sums[0, 64] == pytest.approx(1e-6 * 32, rel=1e-6)
+    assert DensifyConfig().grad_threshold_width == 640
