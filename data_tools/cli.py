@@ -187,11 +187,18 @@ def init_points(data, out, frame, voxel_size, min_views, floor, shell):
 @click.option("--height", type=click.IntRange(8), default=120, show_default=True)
 @click.option("--frames", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--enter-at", type=click.IntRange(1), default=None,
+              help="Add a sphere ('visitor') that enters the scene at this frame (absent before; its ground-truth "
+                   "tracks start there, gt_tracks.npz 'entry_frame').")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_friendly_errors
-def synth(out, cameras, test_cameras, width, height, frames, seed, overwrite):
+def synth(out, cameras, test_cameras, width, height, frames, seed, enter_at, overwrite):
     """Render a synthetic dynamic scene with ground-truth tracks (gt_tracks.npz) into OUT."""
-    cfg = SynthConfig(cameras=cameras, test_cameras=test_cameras, width=width, height=height, frames=frames, seed=seed)
+    if enter_at is not None and enter_at >= frames:
+        raise click.BadParameter(f"must be a frame before --frames ({frames}), got {enter_at}",
+                                 param_hint="'--enter-at'")
+    cfg = SynthConfig(cameras=cameras, test_cameras=test_cameras, width=width, height=height, frames=frames, seed=seed,
+                      enter_at=enter_at)
     t0 = time.perf_counter()
     make_synthetic_scene(out, cfg, progress=True, overwrite=overwrite)
     with np.load(Path(out) / "gt_tracks.npz") as gt:

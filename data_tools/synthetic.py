@@ -8,6 +8,8 @@ The scene (world in metres, +y down, floor at y = 0 like the Panoptic data):
 - ``arm``: an articulated limb of two capsules (upper arm on a floor pivot, forearm on the elbow)
   that swings and bends;
 - ``bobber``: a small sphere floating up and down while turning;
+- ``visitor`` (only with ``enter_at = T``): a sphere that is absent before frame T, appears at T in a
+  free spot on the floor and rolls from there (an object that enters after the first frame);
 
 over a textured floor square, all with procedural solid textures (3D checker times a
 sum-of-sines pattern, evaluated in each part's own frame so the texture moves with the surface).
@@ -20,7 +22,9 @@ colour are background.
 
 Ground truth (``gt_tracks.npz``): surface points sampled on every part at t = 0, kept when visible
 in at least 2 training cameras at t = 0, and moved by their part's rigid motion, so they are exactly
-the geometric surface points at every frame. ``visible[t, p, c]``: inside camera c's image, not
+the geometric surface points at every frame. The visitor's points are sampled the same way at its
+entry frame T and are NaN before it (``entry_frame[p]`` = T; 0 for every other point).
+``visible[t, p, c]``: inside camera c's image, not
 occluded (a ray cast from the camera towards the point hits nothing closer than the point, within
 2 mm), and on a foreground pixel of c's mask.
 """
@@ -63,6 +67,8 @@ class SynthConfig:
     supersample: int = 4
     n_track_candidates: int = 2000
     camera_distance: float = 3.2
+    enter_at: int | None = None
+    """frame at which the ``visitor`` sphere enters (absent before); None: no visitor (the default scene)."""
 
     def __post_init__(self):
         if self.cameras < 3:
@@ -71,6 +77,15 @@ class SynthConfig:
             raise ValueError(f"invalid synthetic scene size {self}")
         if self.supersample < 1:
             raise ValueError("supersample must be >= 1")
+        if self.enter_at is not None and not 1 <= self.enter_at < self.frames:
+            raise ValueError(f"enter_at must be a frame in 1..{self.frames - 1} (frames - 1), got {self.enter_at}")
+
+    def meta(self) -> dict:
+        """The fields recorded in train_meta.json (enter_at only when set: default scenes stay as they were)."""
+        d = asdict(self)
+        if d["enter_at"] is None:
+            d.pop("enter_at")
+        return d
 
 
 # ----------------------------------------------------------------------------- rotations
@@ -112,6 +127,7 @@ class Part:
     colors: np.ndarray = field(default_factory=lambda: np.ones((2, 3)))  # checker colours
     check: float = 0.09  # checker cell size in metres
     waves: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))  # sum-of-sines: dir*freq (3), phase
+    enters_at: float = -math.inf  # frame from which the part exists (absent before)
 
     def bounding_sphere(self) -> tuple[np.ndarray, float]:
         """Centre and radius of a sphere containing the part, in local coordinates."""
@@ -218,6 +234,33 @@ def build_scene(seed: int) -> list[Part]:
 
 
 OBJECT_NAMES = ["floor", "ball", "crate", "spinner", "arm", "bobber"]
+VISITOR_ID = 6  # object id of the entering sphere (``OBJECT_NAMES + ["visitor"]`` with enter_at)
+VISITOR_RADIUS = 0.15  # metres
+VISITOR_START = np.array([-0.05, -VISITOR_RADIUS, 0.1])  # floor spot free of the other objects' paths
+VISITOR_SPEED = 0.02  # metres per frame along -x
+
+
+def visitor_part(seed: int, enter_at: int) -> Part:
+    """The sphere that enters at frame ``enter_at``: appears on the floor at VISITOR_START and rolls along -x
+    at VISITOR_SPEED (its own random texture: the other parts' random numbers are unchanged)."""
+    rng = np.random.default_rng([seed, 2])
+    spin = rng.uniform(0, 2 * math.pi)
+
+    def pose(t):
+        s = VISITOR_SPEED * (t - enter_at)
+        # rolling along -x: rotation about +z by -s / r (omega x contact offset (+y) = -velocity)
+        return _rot_z(s / VISITOR_RADIUS) @ _rot_y(spin), VISITOR_START + np.array([-s, 0.0, 0.0])
+
+    return Part("visitor", VISITOR_ID, "sphere", pose, radius=VISITOR_RADIUS, colors=_palette(rng),
+                check=rng.uniform(0.06, 0.08), waves=_waves(rng, rng.uniform(0.04, 0.06)), enters_at=float(enter_at))
+
+
+def scene_parts(cfg: SynthConfig) -> list[Part]:
+    """build_scene(seed), plus the visitor when ``cfg.enter_at`` is set."""
+    parts = build_scene(cfg.seed)
+    if cfg.enter_at is not None:
+        parts.append(visitor_part(cfg.seed, cfg.enter_at))
+    return parts
 
 
 # ----------------------------------------------------------------------------- cameras
@@ -228,7 +271,7 @@ def make_cameras(cfg: SynthConfig, parts: list[Part] | None = None) -> tuple[lis
     The focal length (shared by all cameras) is the largest for which the surface of every part stays
     at least 4 pixels inside every image at every frame, so all cameras see all objects.
     """
-    parts = parts if parts is not None else build_scene(cfg.seed)
+    parts = parts if parts is not None else scene_parts(cfg)
     step = 360.0 / cfg.cameras
     poses = [(i, i * step, 18.0 if i % 2 == 0 else 38.0) for i in range(cfg.cameras)]
     poses += [
@@ -246,7 +289,7 @@ def make_cameras(cfg: SynthConfig, parts: list[Part] | None = None) -> tuple[lis
     rng = np.random.default_rng(12345)
     local = [sample_surface(p, 600, rng) for p in parts]
     pts = np.concatenate(
-        [loc @ pp.R.T + pp.T for t in range(cfg.frames) for loc, pp in zip(local, _place(parts, float(t)))]
+        [local[pp.index - 1] @ pp.R.T + pp.T for t in range(cfg.frames) for pp in _place(parts, float(t))]
     )
     f = float(cfg.width)  # at most a 53 degree horizontal field of view
     margin = 4.0
@@ -374,8 +417,11 @@ class _PlacedPart:
 
 
 def _place(parts: list[Part], t: float) -> list[_PlacedPart]:
+    """The parts that exist at frame t, posed (a part absent at t is left out; indices stay 1 + list index)."""
     out = []
     for i, p in enumerate(parts):
+        if t < p.enters_at:
+            continue
         R, T = p.pose(t)
         out.append(_PlacedPart(p, R, T, i + 1))
     return out
@@ -592,30 +638,37 @@ def make_synthetic_scene(
     by :func:`data_tools.build_init_points` from the rendered masks of frame 0) and ``gt_tracks.npz``:
     ``points`` float32 [T, P, 3], ``visible`` bool [T, P, C], ``cam_ids`` int [C], ``visible_test``
     bool [T, P, C_test], ``test_cam_ids``, ``object_ids`` int [P] (1-based, see ``object_names``) and
-    ``extent`` (float32 scalar: diameter of the bounding sphere of ``points`` over all t).
+    ``extent`` (float32 scalar: diameter of the bounding sphere of ``points`` over all t). With
+    ``enter_at = T`` also ``entry_frame`` int64 [P] (T for the visitor's points, which are NaN and invisible
+    before T; 0 for all others).
     """
     cfg = config or SynthConfig()
     if kwargs:
         cfg = SynthConfig(**{**asdict(cfg), **kwargs})
     rng = np.random.default_rng([cfg.seed, 1])
-    parts = build_scene(cfg.seed)
+    parts = scene_parts(cfg)
     train, test = make_cameras(cfg, parts)
     background = tuple(float(v) for v in np.round(np.array([0.58, 0.66, 0.76]) + rng.uniform(-0.05, 0.05, 3), 3))
     # Ray grids are kept for all cameras unless that takes much memory (then rebuilt per frame).
     n_rays = (len(train) + len(test)) * cfg.width * cfg.height * cfg.supersample**2
     cached = [_ViewRays(c, cfg.supersample) for c in train + test] if n_rays * 12 < 2**28 else None
 
-    # Track candidates: uniform by area over all parts at t = 0.
+    # Track candidates: uniform by area over all parts at t = 0 (the visitor at the same density, after
+    # the others, so that their samples do not depend on it).
+    n_base = len(parts) - (cfg.enter_at is not None)
     areas = np.array([p.area() for p in parts])
-    counts = np.floor(cfg.n_track_candidates * areas / areas.sum()).astype(int)
+    counts = np.floor(cfg.n_track_candidates * areas / areas[:n_base].sum()).astype(int)
     local = [sample_surface(p, int(k), rng) for p, k in zip(parts, counts)]
     part_of = np.concatenate([np.full(k, i) for i, k in enumerate(counts)])
     local_all = np.concatenate(local)
+    entry = np.array([math.ceil(max(0.0, parts[i].enters_at)) for i in part_of], dtype=np.int64)
 
     def world_points(placed):
-        return np.concatenate(
-            [local_all[part_of == i] @ pp.R.T + pp.T for i, pp in enumerate(placed)]
-        )
+        out = np.full((len(local_all), 3), np.nan)
+        for pp in placed:
+            rows = part_of == pp.index - 1
+            out[rows] = local_all[rows] @ pp.R.T + pp.T
+        return out
 
     T = cfg.frames
     n_train = len(train)
@@ -635,16 +688,23 @@ def make_synthetic_scene(
                 save_mask_png(tmp / "seg" / rel, fg)
                 masks.append(fg)
             points[t] = world_points(placed)
-            vis[t] = visibility(points[t], train + test, masks, placed)
+            present = entry <= t
+            if present.all():
+                vis[t] = visibility(points[t], train + test, masks, placed)
+            else:
+                vis[t, present] = visibility(points[t, present], train + test, masks, placed)
 
-        keep = vis[0, :, :n_train].sum(1) >= 2
-        points, vis = points[:, keep], vis[:, keep]
+        # Kept: seen by >= 2 training cameras at the point's entry frame (t = 0 for the original objects).
+        keep = vis[entry, np.arange(len(entry)), :n_train].sum(1) >= 2
+        points, vis, entry = points[:, keep], vis[:, keep], entry[keep]
         object_ids = np.array([parts[i].object_id for i in part_of[keep]], dtype=np.int64)
-        _, radius = bounding_sphere(points.reshape(-1, 3))
+        finite = points.reshape(-1, 3)
+        _, radius = bounding_sphere(finite[np.isfinite(finite).all(1)])
+        names = OBJECT_NAMES + (["visitor"] if cfg.enter_at is not None else [])
         synth_meta = {
-            **asdict(cfg),
+            **cfg.meta(),
             "generator": f"data_tools.synthetic v{GENERATOR_VERSION}",
-            "objects": OBJECT_NAMES[1:],
+            "objects": names[1:],
             "units": "metres, +y down, floor at y = 0",
         }
         for name, cams, extra in (("train_meta.json", train, {"synth": synth_meta}), ("test_meta.json", test, None)):
@@ -658,8 +718,9 @@ def make_synthetic_scene(
             visible_test=vis[:, :, n_train:],
             test_cam_ids=np.array([c.id for c in test], dtype=np.int64),
             object_ids=object_ids,
-            object_names=np.array(OBJECT_NAMES),
+            object_names=np.array(names),
             extent=np.float32(2 * radius),
+            **({"entry_frame": entry} if cfg.enter_at is not None else {}),
         )
         # The initial point cloud comes from the rendered masks, like for real captures.
         from .init_points import build_init_points

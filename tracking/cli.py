@@ -95,9 +95,16 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
 @click.option("--overwrite", is_flag=True, help="Start afresh: remove the run in OUT (needed when its config differs).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Under torchrun: seconds after which the ranks stop with an error when one died or hangs.")
+@click.option("--spawn-new", is_flag=True,
+              help="Reconstruct objects that enter after the first frame (new Gaussians where the masks show "
+                   "foreground that the render leaves uncovered in several cameras).")
+@click.option("--spawn-min-cameras", type=click.IntRange(min=2), default=3, show_default=True,
+              help="With --spawn-new: cameras that must show an uncovered foreground region.")
+@click.option("--spawn-steps", type=click.IntRange(min=1), default=None,
+              help="With --spawn-new: optimisation steps of the new Gaussians (default: 200 x --steps-scale).")
 @_friendly_errors
 def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, downscale, frames, init_points, backend,
-        device, seed, overwrite, dist_timeout):
+        device, seed, overwrite, dist_timeout, spawn_new, spawn_min_cameras, spawn_steps):
     """Fit DATA (any data_tools format) into OUT, resuming what OUT already holds."""
     if downscale <= 0:
         raise click.BadParameter("must be positive", param_hint="--downscale")
@@ -105,6 +112,11 @@ def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, down
 
     cfg = replace(_build_config(preset, steps_scale, seed, backend, device), cameras_per_step=cameras_per_step,
                   lr_batch_scaling=lr_batch_scaling)
+    if spawn_new:
+        steps = spawn_steps if spawn_steps is not None else max(1, round(cfg.spawn_steps * steps_scale))
+        cfg = replace(cfg, spawn_new=True, spawn_min_cameras=spawn_min_cameras, spawn_steps=steps)
+    elif spawn_steps is not None or spawn_min_cameras != 3:
+        raise click.BadParameter("needs --spawn-new", param_hint="--spawn-steps / --spawn-min-cameras")
     _run_fit(data, out, cfg, downscale=downscale, frames=parse_frames(frames), init_points=init_points,
              overwrite=overwrite, dist_timeout=dist_timeout)
     if os.environ.get("RANK", "0") == "0":

@@ -208,6 +208,25 @@ class TrackingConfig:
     cuda_graphs: bool = False
     """capture a t > 0 step once per frame as a CUDA graph (CUDA only; ignored on CPU). Not part of
     the result's identity."""
+    spawn_new: bool = False
+    """reconstruct objects that enter after t = 0 (`tracking.spawn`): at each t > 0, after the frame's
+    optimisation, foreground-mask pixels that the rendered segmentation leaves uncovered in at least
+    spawn_min_cameras cameras are carved into new Gaussians. False: the original (a fixed set from t = 0)."""
+    spawn_min_cameras: int = 3
+    """cameras (cameras) that must show an uncovered foreground region for new Gaussians, and that must see
+    each new point on one: the visual hull needs 3 views to bound an object in 3D."""
+    spawn_steps: int = 200
+    """optimisation steps (steps) of the new Gaussians alone (everything else frozen), with densification
+    limited to them; a tenth of a t = 0 reconstruction is enough for one small object."""
+    spawn_coverage_threshold: float = 0.5
+    """rendered foreground coverage (the segmentation render's foreground channel, 0..1) below which a
+    foreground-mask pixel is uncovered: 0.5 is where the render's label flips."""
+    spawn_min_pixels: int = 4
+    """uncovered pixels (pixels, after the opening) a camera needs to count towards spawn_min_cameras:
+    fewer are outline noise of tracked objects."""
+    spawn_open_pixels: int = 1
+    """radius (pixels) of the morphological opening of the uncovered mask: removes the 1-2 px slivers that
+    slightly mis-tracked objects leave along their outlines (0: no opening)."""
 
     # ------------------------------------------------------------------ presets and derived configs
     @staticmethod
@@ -248,7 +267,11 @@ class TrackingConfig:
             reset = 0
         densify = replace(d, start=start, stop=stop, every=every, prune_big_from=s(d.prune_big_from),
                           opacity_reset_at=reset)
-        return replace(self, steps_first=s(self.steps_first), steps_per_frame=s(self.steps_per_frame), densify=densify)
+        # spawn_steps only when spawning: a run fitted before the field existed stores none, and must still
+        # compare equal to a scaled config without spawning.
+        spawn_steps = s(self.spawn_steps) if self.spawn_new else self.spawn_steps
+        return replace(self, steps_first=s(self.steps_first), steps_per_frame=s(self.steps_per_frame),
+                       spawn_steps=spawn_steps, densify=densify)
 
     def validate(self) -> TrackingConfig:
         """Raise ValueError naming the field for impossible values; returns self."""
@@ -273,6 +296,15 @@ class TrackingConfig:
             raise ValueError(f"lr_batch_scaling must be 'none' or 'sqrt', got {self.lr_batch_scaling!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.spawn_min_cameras < 2:
+            raise ValueError(f"spawn_min_cameras must be >= 2, got {self.spawn_min_cameras}")
+        if self.spawn_steps < 1:
+            raise ValueError(f"spawn_steps must be >= 1, got {self.spawn_steps}")
+        if not 0 < self.spawn_coverage_threshold <= 1:
+            raise ValueError(f"spawn_coverage_threshold must be in (0, 1], got {self.spawn_coverage_threshold}")
+        if self.spawn_min_pixels < 1 or self.spawn_open_pixels < 0:
+            raise ValueError(f"spawn_min_pixels must be >= 1 and spawn_open_pixels >= 0, got "
+                             f"{self.spawn_min_pixels}, {self.spawn_open_pixels}")
         for name in ("means", "rgb", "rgb_next", "quats", "opacities", "scales", "cam_colour", "seg_colours"):
             v = getattr(self.lr, name)
             if not (v >= 0 and math.isfinite(v)):

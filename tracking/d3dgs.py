@@ -77,9 +77,10 @@ def export_params_npz(out_dir: str | Path, path: str | Path | None = None) -> Pa
     cam_m / cam_c are padded with zeros to 50 rows, in training-camera order.
 
     Raises:
-        ValueError: the run has more than 50 training cameras (the original's table has 50 rows).
+        ValueError: the run has more than 50 training cameras (the original's table has 50 rows), or
+            Gaussians born after t = 0 (`TrackingConfig.spawn_new`; the layout has one set for all frames).
     """
-    from .store import completed_frames
+    from .store import completed_frames, read_birth_frame
 
     out = Path(out_dir)
     run = read_run(out)
@@ -89,6 +90,10 @@ def export_params_npz(out_dir: str | Path, path: str | Path | None = None) -> Pa
     n_cams = p0["cam_m"].shape[0]
     if n_cams > MAX_CAMS:
         raise ValueError(f"{out}: {n_cams} training cameras, but the original's cam_m/cam_c hold {MAX_CAMS} rows")
+    births = read_birth_frame(out, n_frames - 1) if n_frames else None
+    if births is not None and len(births) != n:
+        raise ValueError(f"{out}: {len(births) - n} Gaussians were born after t = 0 (spawn_new), but the original's "
+                         "params.npz holds one set of Gaussians for every frame: export ply or splat instead")
     path = Path(path) if path is not None else out / "export" / "params.npz"
 
     def frames(ours: str):

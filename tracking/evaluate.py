@@ -25,7 +25,8 @@ same table, unabridged, is docs/metrics.md):
 | delta_3d_pod | %; mean over thr 1..16 cm of the share of valid (track, t >= 1) pairs < thr | POD `d_avg` |
 | survival_3d_pod | %; mean over all (t, track), t = 0 included, of the running product (2) | POD `survival` |
 | mte_2d_pod, delta_2d_pod, survival_2d_pod | the same, pixels at 256 x 256 (3), thr 1..16 px, survival 50 px | POD |
-| n_gaussians, seconds, preset | Gaussians after t = 0, fit wall time, the config preset | this project |
+| entering_mte_3d_pct | mte_3d_pct of tracks entering at E > 0 (gt entry_frame), queried at E, errors t > E | ours |
+| n_gaussians, seconds, preset | Gaussians of the run (t = 0 and born later), fit wall time, the preset | this project |
 | eval_config | the EvalConfig used | this project |
 
 POD: PointOdyssey's released evaluation (`test_on_fullseq` in the PIPs++ tester `test_on_pod.py`; Zheng et
@@ -42,6 +43,10 @@ adds 1e-6 to the delta denominator, which we leave out (a relative change below 
 loader also drops tracks that are static or short, which is dataset selection and not done here. 2D tracks
 are the (point, camera) pairs of eval_config.cameras_2d where the point is visible at t = 0 (the paper's
 rule); the queries are unprojected with the rendered median depth, tracked in 3D and reprojected.
+
+Tracks of objects that enter after t = 0 (gt_tracks.npz ``entry_frame`` > 0, NaN before it) are left out of
+the keys above and evaluated from their entry frame on: entering_mte_3d, entering_mte_3d_pct, entering_delta_3d,
+entering_survival_3d, entering_mte_3d_pct_highest_influence, entering_tracks (count) and entering_frame.
 
 Test cameras get the colour correction eval_config.test_colour_correction; the 3D/2D tracks follow the
 readout eval_config.readout. Tracking keys are null without ground truth (or with a single frame).
@@ -197,16 +202,77 @@ def load_gt_tracks(path: str | Path, source_frames: list[int]) -> dict:
             out[vis_key] = z[vis_key][source_frames] if ok else None
             out[ids_key] = z[ids_key] if ok else None
         out["extent"] = float(z["extent"]) if "extent" in z.files else None
+        n_points = out["points"].shape[1]
+        out["entry_frame"] = (z["entry_frame"].astype(np.int64) if "entry_frame" in z.files
+                              else np.zeros(n_points, np.int64))
+    # Entry frames are source-frame indices: in fitted-frame units, the first fitted frame at or after entry.
+    out["entry_frame"] = np.searchsorted(np.asarray(source_frames), out["entry_frame"]).astype(np.int64)
     if out["extent"] is None:
         pts = out["points"].reshape(-1, 3)
+        pts = pts[np.isfinite(pts).all(1)]
         out["extent"] = float(np.linalg.norm(pts.max(0) - pts.min(0)))
+    return out
+
+
+ENTERING_KEYS = ("entering_mte_3d", "entering_mte_3d_pct", "entering_delta_3d", "entering_survival_3d",
+                 "entering_mte_3d_pct_highest_influence", "entering_tracks", "entering_frame")
+
+
+def _subset(gt: dict, rows: np.ndarray) -> dict:
+    """gt restricted to the tracks `rows` (bool [P])."""
+    out = dict(gt)
+    for key in ("points", "visible", "visible_test"):
+        if out.get(key) is not None:
+            out[key] = out[key][:, rows]
+    out["entry_frame"] = gt["entry_frame"][rows]
+    return out
+
+
+def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_config: EvalConfig | None = None) -> dict:
+    """Metrics of the tracks that start after t = 0 (ENTERING_KEYS): each group of tracks with entry frame E
+    (fitted-frame units) is queried at E and followed to the last frame; errors over t > E, pooled over
+    groups by track. None where no such track has two fitted frames."""
+    cfg = eval_config or EvalConfig()
+    out = dict.fromkeys(ENTERING_KEYS)
+    entry = gt.get("entry_frame")
+    if entry is None:
+        return out
+    mpu = result.config.metres_per_unit
+    preds, nearest, truths = [], [], []
+    for e in sorted(set(entry[(entry > 0) & (entry <= n_frames - 2)].tolist())):
+        rows = entry == e
+        pts = gt["points"][e:n_frames, rows]
+        queries = torch.from_numpy(pts[0])
+        preds.append(result.track(queries, threshold=cfg.readout_threshold, start_frame=e).double().numpy()[e:n_frames])
+        nearest.append(result.track(queries, threshold=0.0, start_frame=e).double().numpy()[e:n_frames])
+        truths.append(pts)
+        out["entering_frame"] = e if out["entering_frame"] is None else min(out["entering_frame"], e)
+    if not truths:
+        return out
+    # Groups with different entry frames have different lengths: each is scored on its own, then the
+    # scores are pooled weighted by their numbers of tracks.
+    scored = [metrics_3d(p, g, mpu, gt["extent"]) for p, g in zip(preds, truths)]
+    diag = [metrics_3d(p, g, mpu, gt["extent"]) for p, g in zip(nearest, truths)]
+    weights = np.array([g.shape[1] for g in truths], np.float64)
+
+    def pooled(ms, key):
+        vals = [m[key] for m in ms]
+        return None if any(v is None for v in vals) else float(np.average(vals, weights=weights))
+
+    out.update(entering_mte_3d=pooled(scored, "mte_3d"), entering_mte_3d_pct=pooled(scored, "mte_3d_pct"),
+               entering_delta_3d=pooled(scored, "delta_3d"), entering_survival_3d=pooled(scored, "survival_3d"),
+               entering_mte_3d_pct_highest_influence=pooled(diag, "mte_3d_pct"), entering_tracks=int(weights.sum()))
     return out
 
 
 def tracking_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_config: EvalConfig | None = None,
                      device=None) -> dict:
-    """3D and 2D track metrics against ground truth for frames 0..n_frames-1."""
+    """3D and 2D track metrics against ground truth for frames 0..n_frames-1 (tracks that exist from t = 0;
+    those of objects entering later are `entering_metrics`)."""
     cfg = eval_config or EvalConfig()
+    entry = gt.get("entry_frame")
+    if entry is not None and (entry > 0).any():
+        gt = _subset(gt, entry == 0)
     pts = gt["points"][:n_frames]
     mpu = result.config.metres_per_unit
     queries = torch.from_numpy(pts[0])
@@ -338,6 +404,8 @@ def evaluate(out_dir, data=None, gt_tracks=None, *, eval_config: EvalConfig | No
     if (gt_tracks is not None or gt_path.exists()) and n >= 2:
         gt = load_gt_tracks(gt_path, result.source_frames[:n])
         metrics.update(tracking_metrics(result, gt, n, cfg, device))
+        if (gt["entry_frame"] > 0).any():
+            metrics.update(entering_metrics(result, gt, n, cfg))
     else:
         metrics.update({k: None for k in TRACK_3D_KEYS + TRACK_2D_KEYS})
         metrics.update({"error_3d_per_frame": [], "error_2d_per_frame": []})

@@ -184,8 +184,10 @@ def export_run(out_dir: str | Path, frames=None, progress: bool = False, *, fmt:
 
     fmt "ply": ply/NNNNNN.ply per frame (sh_degree 0 or 3) and tracks.npz: centres float32 [T, N, 3],
     quats float32 [T, N, 4] normalised (w, x, y, z), colours [T, N, 3], foreground bool [N], scales
-    [N, 3], opacities [N]. fmt "splat": splat/NNNNNN.splat per frame. fmt "d3dgs": params.npz in the
-    original's layout (tracking.d3dgs). depth: also depth/<camera id>/{expected,median}_NNNNNN.{npy,png}.
+    [N, 3], opacities [N], birth_frame int64 [N] (rows of Gaussians not yet born at t are NaN; each
+    frame's ply / splat holds only the Gaussians alive at t). fmt "splat": splat/NNNNNN.splat per frame.
+    fmt "d3dgs": params.npz in the original's layout (tracking.d3dgs).
+    depth: also depth/<camera id>/{expected,median}_NNNNNN.{npy,png}.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
@@ -202,10 +204,9 @@ def export_run(out_dir: str | Path, frames=None, progress: bool = False, *, fmt:
 
         written["params"] = export_params_npz(result.out_dir, base / "params.npz")
     else:
-        p0 = result.params(0)
         for t in _progress(ts, f"exporting {fmt}", progress):
-            p = result.params(t)
-            args = (p["means"], p["quats"], p0["log_scales"], p0["logit_opacities"], p["rgb"])
+            p = result.params(t)   # the Gaussians alive at t
+            args = (p["means"], p["quats"], p["log_scales"], p["logit_opacities"], p["rgb"])
             if fmt == "ply":
                 write_ply(base / "ply" / f"{t:06d}.ply", *args, sh_degree=sh_degree)
             else:
@@ -220,7 +221,8 @@ def export_run(out_dir: str | Path, frames=None, progress: bool = False, *, fmt:
             np.savez(f, centres=centres.astype(np.float32), quats=quats.astype(np.float32),
                      colours=colours.astype(np.float32), foreground=result.fg.numpy(),
                      scales=result.scales.numpy().astype(np.float32),
-                     opacities=result.opacities.numpy().astype(np.float32))
+                     opacities=result.opacities.numpy().astype(np.float32),
+                     birth_frame=result.birth_frame.numpy().astype(np.int64))
         written["tracks"] = tracks
     if depth:
         written["depth"] = export_depth(result.out_dir, ts, device=device, progress=progress)

@@ -51,6 +51,7 @@ from .store import (
     RunRecord,
     clean_temporaries,
     completed_frames,
+    read_born,
     read_frame,
     read_run,
     read_run_identity,
@@ -162,6 +163,8 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
         warnings.warn("floor_y is None: the floor loss is off", stacklevel=2)
     world, world_device = init_world(config.device, dist_timeout)
     try:
+        if world.active and config.spawn_new:
+            raise TrackingError("spawn_new is not supported under torchrun yet: fit with one process")
         if world.active:
             rank_cameras(list(range(config.cameras_per_step)), world)  # B divisible by N, or a clear error
             config = replace(config, device=world_device)
@@ -235,15 +238,20 @@ def _fit(data, out_dir, config: TrackingConfig, world: World, *, downscale, fram
             write_frame(out, rec0)
         done = 1
         prev, prev2 = rec0, rec0
+        born_by_frame = {}
     else:
         run = read_run(out)
         prev = read_frame(out, done - 1)
+        born_by_frame = {s: read_born(out, s) for s in range(1, done)} if config.spawn_new else {}
         prev2 = read_frame(out, done - 2) if done >= 2 else prev
         if done < n_frames:
             echo(f"resuming {out} after frame {done - 1} ({done} of {n_frames} frames complete)")
 
     if done < n_frames:
         static = _Static.from_run(run, device)
+        for s in sorted(born_by_frame):  # Gaussians born at earlier frames, in birth order
+            if born_by_frame[s] is not None:
+                static.extend(born_by_frame[s])
         views = Views.build(seq.train_cameras, seq.background, device, config.uncovered_is_background)
         for t in range(done, n_frames):
             try:
@@ -253,6 +261,8 @@ def _fit(data, out_dir, config: TrackingConfig, world: World, *, downscale, fram
                 raise NaNLossError(exc.t, exc.step, exc.term, completed=t) from None
             if world.is_main:
                 write_frame(out, rec)
+            if rec.born is not None:
+                static.extend(rec.born)
             prev2, prev = prev, rec
     barrier(world, "end of the fit")          # rank 0's last frame is on disk before anyone reads OUT
     result = TrackingResult(out)

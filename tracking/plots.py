@@ -109,7 +109,7 @@ def plot_trajectories(result: TrackingResult, path: Path, seq=None) -> Path | No
     fg = np.nonzero(result.fg.numpy())[0]
     if len(fg) > MAX_TRAJECTORIES:
         fg = fg[np.linspace(0, len(fg) - 1, MAX_TRAJECTORIES).astype(int)]
-    centres = np.stack([result.means[t].numpy()[fg] for t in range(result.n_frames)])  # [T, P, 3]
+    centres = result.means.stack().numpy()[:, fg]  # [T, P, 3], NaN before a Gaussian's birth frame
     uv, z = project(centres, cam.K, cam.w2c)
     fig, ax = plt.subplots(figsize=(cam.width / cam.height * 4.5, 4.5), dpi=150)
     ax.imshow(image, extent=(0, cam.width, cam.height, 0))

@@ -14,7 +14,7 @@ import tritonsplat
 from .config import TrackingConfig
 from .eval_config import DEFAULT_INFLUENCE_THRESHOLD
 from .quaternions import quat_normalize, quat_to_rotmat
-from .store import RUN_FILE, DataSpec, completed_frames, read_frame, read_run
+from .store import RUN_FILE, DataSpec, completed_frames, read_birth_frame, read_born, read_frame, read_run
 
 TRACK_CHUNK_ELEMENTS = 1 << 24  # query x Gaussian pairs per block in `track` (float64: 128 MB)
 
@@ -74,8 +74,14 @@ class _PerFrame:
         return (self[t] for t in range(len(self)))
 
     def stack(self) -> torch.Tensor:
-        """[T, N, D] all frames."""
-        return torch.stack(list(self))
+        """[T, N, D] all frames, N = every Gaussian of the run; rows of Gaussians not yet born at t are NaN."""
+        n = self._result.n_gaussians
+        rows = []
+        for value in self:
+            if value.shape[0] < n:
+                value = torch.cat([value, value.new_full((n - value.shape[0], *value.shape[1:]), float("nan"))])
+            rows.append(value)
+        return torch.stack(rows)
 
 
 class TrackingResult:
@@ -88,10 +94,13 @@ class TrackingResult:
         n_frames: completed frames (0..n_frames-1 can be read).
         train_cameras, test_cameras: data_tools.Camera lists (as fitted, with downscale applied).
         scene_radius: data units.
-        n_gaussians: N (fixed after t = 0).
+        n_gaussians: N, every Gaussian of the run (fixed after t = 0 unless the run spawned new ones,
+            `TrackingConfig.spawn_new`; Gaussians are only appended, never removed after t = 0).
+        birth_frame: int64 [N], the frame from which each Gaussian exists (0 for those of t = 0).
         fg: bool [N] foreground Gaussians.
-        means[t] [N, 3], quats[t] [N, 4] normalised (w, x, y, z), colours[t] [N, 3] rgb.
-        opacities [N], scales [N, 3] (activated, fixed after t = 0).
+        means[t] [N_t, 3], quats[t] [N_t, 4] normalised (w, x, y, z), colours[t] [N_t, 3] rgb: the N_t
+            Gaussians alive at t, i.e. rows 0..N_t - 1, those with birth_frame <= t (`alive(t)`).
+        opacities [N], scales [N, 3] (activated, fixed from each Gaussian's birth frame).
     """
 
     def __init__(self, out_dir: str | Path):
@@ -107,9 +116,22 @@ class TrackingResult:
         self.test_cameras = [c.to_camera() for c in self._run.test_cameras]
         self.background = self._run.background
         p0 = {k: torch.from_numpy(v) for k, v in self._run.params0.items()}
+        fg = self._run.fg.astype(bool)
+        # Gaussians born after t = 0 (spawn_new): their fixed parameters follow those of t = 0.
+        if getattr(self.config, "spawn_new", False):
+            for t in range(1, self.n_frames):
+                born = read_born(self.out_dir, t)
+                if born is not None:
+                    for k in ("log_scales", "logit_opacities", "seg"):
+                        p0[k] = torch.cat([p0[k], torch.from_numpy(born[k])])
+                    fg = np.concatenate([fg, np.ones(len(born["seg"]), bool)])
         self._params0 = p0
-        self.n_gaussians = int(p0["means"].shape[0])
-        self.fg = torch.from_numpy(self._run.fg.astype(bool))
+        self.n_gaussians = int(p0["log_scales"].shape[0])
+        births = read_birth_frame(self.out_dir, self.n_frames - 1) if self.n_frames else None
+        if births is None or len(births) != self.n_gaussians:  # runs written before birth frames were stored
+            births = np.zeros(self.n_gaussians, np.int64)
+        self.birth_frame = torch.from_numpy(births)
+        self.fg = torch.from_numpy(fg)
         self.opacities = torch.sigmoid(p0["logit_opacities"]).squeeze(-1)
         self.scales = torch.exp(p0["log_scales"])
         self.means = _PerFrame(self, "means")
@@ -135,9 +157,21 @@ class TrackingResult:
         self._cache.move_to_end(t)
         return self._cache[t]
 
+    def n_alive(self, t: int) -> int:
+        """N_t: Gaussians alive at frame t (rows 0..N_t - 1)."""
+        return int(self._frame_arrays(t)["means"].shape[0])
+
+    def alive(self, t: int) -> torch.Tensor:
+        """bool [N]: the Gaussians that exist at frame t (birth_frame <= t)."""
+        return self.birth_frame <= t
+
     def params(self, t: int) -> dict[str, torch.Tensor]:
-        """Raw parameters at frame t (tracking.params names): per-frame means, quats, rgb; the rest from t = 0."""
-        return {**self._params0, **self._frame_arrays(t)}
+        """Raw parameters of the N_t Gaussians alive at frame t (tracking.params names): per-frame means, quats,
+        rgb; the rest fixed (from t = 0, or from the birth frame); cam_m, cam_c per camera."""
+        frame = self._frame_arrays(t)
+        n = frame["means"].shape[0]
+        fixed = {k: (v if k in ("cam_m", "cam_c") else v[:n]) for k, v in self._params0.items()}
+        return {**fixed, **frame}
 
     def frame_stats(self, t: int) -> dict:
         """Scalar statistics of frame t's optimisation (final loss, train PSNR, steps/s, ...) and seconds."""
@@ -181,29 +215,36 @@ class TrackingResult:
         raise KeyError(f"no camera with id {cam_id} in {self.out_dir}")
 
     # ------------------------------------------------------------------ tracking readout
-    def assign(self, points: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian of highest influence at t = 0 for each point [P, 3] (see `assign_points`);
-        threshold defaults to DEFAULT_INFLUENCE_THRESHOLD. Returns index [P] (-1: static), influence [P]."""
+    def assign(self, points: torch.Tensor, threshold: float | None = None, t: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian of highest influence at frame t (default 0) for each point [P, 3], among those alive at
+        t (see `assign_points`); threshold defaults to DEFAULT_INFLUENCE_THRESHOLD. Returns index [P] (-1:
+        static), influence [P]."""
         thr = DEFAULT_INFLUENCE_THRESHOLD if threshold is None else threshold
-        p0 = self._params0
-        return assign_points(points, p0["means"], p0["quats"], p0["log_scales"], self.opacities, thr)
+        p = self._params0 if t == 0 else self.params(t)
+        n = p["means"].shape[0] if t == 0 else self.n_alive(t)
+        return assign_points(points, p["means"][:n], p["quats"][:n], p["log_scales"][:n], self.opacities[:n], thr)
 
-    def track(self, points_at_t0, threshold: float | None = None) -> torch.Tensor:
-        """Dense 6-DoF tracking readout (paper Sec. 3.8): [P, 3] points at t = 0 -> [T, P, 3].
+    def track(self, points_at_t0, threshold: float | None = None, start_frame: int = 0) -> torch.Tensor:
+        """Dense 6-DoF tracking readout (paper Sec. 3.8): [P, 3] points at `start_frame` -> [T, P, 3].
 
-        Each point follows the Gaussian of highest influence at t = 0, carried in that Gaussian's local
-        frame: p_t = mu_t + R_t R_0^T (p - mu_0); points where no influence reaches the threshold stay
-        put (static background).
+        Each point follows the Gaussian of highest influence at start_frame (default 0; later for objects
+        that entered later), carried in that Gaussian's local frame: p_t = mu_t + R_t R_s^T (p - mu_s);
+        points where no influence reaches the threshold stay put (static background). Rows t < start_frame
+        are NaN.
         """
+        s = int(start_frame)
+        if not 0 <= s < max(self.n_frames, 1):
+            raise ValueError(f"start_frame must be in 0..{self.n_frames - 1}, got {start_frame}")
         pts = torch.as_tensor(points_at_t0, dtype=torch.float64).reshape(-1, 3)
-        idx, _ = self.assign(pts, threshold)
+        idx, _ = self.assign(pts, threshold, t=s)
         moving = idx >= 0
         g = idx.clamp_min(0)
-        mu0 = self.means[0].double()[g]
-        R0 = quat_to_rotmat(self.quats[0].double()[g])
-        local = torch.einsum("pji,pj->pi", R0, pts - mu0)  # R_0^T (p - mu_0)
-        out = torch.empty(self.n_frames, len(pts), 3, dtype=torch.float64)
-        for t in range(self.n_frames):
+        mu0 = self.means[s].double()[g]
+        R0 = quat_to_rotmat(self.quats[s].double()[g])
+        local = torch.einsum("pji,pj->pi", R0, pts - mu0)  # R_s^T (p - mu_s)
+        out = torch.full((self.n_frames, len(pts), 3), float("nan"), dtype=torch.float64)
+        for t in range(s, self.n_frames):
             mu_t = self.means[t].double()[g]
             R_t = quat_to_rotmat(self.quats[t].double()[g])
             moved = mu_t + torch.einsum("pij,pj->pi", R_t, local)
@@ -232,9 +273,10 @@ class TrackingResult:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         bg = torch.tensor(self.background if self.background is not None else [0.0, 0.0, 0.0],
                           dtype=torch.float32, device=dev)
+        n = p["means"].shape[0]
         with torch.no_grad():
             return tritonsplat.rasterize(
-                p["means"].to(dev), p["quats"].to(dev), self.scales.to(dev), self.opacities.to(dev),
+                p["means"].to(dev), p["quats"].to(dev), self.scales[:n].to(dev), self.opacities[:n].to(dev),
                 p["rgb"].to(dev), torch.tensor(cam.w2c, dtype=torch.float32, device=dev)[None],
                 torch.tensor(cam.K, dtype=torch.float32, device=dev)[None], cam.width, cam.height,
                 near=self.config.near / self.config.metres_per_unit, backgrounds=bg[None],

@@ -468,6 +468,25 @@ class _Static:
             nb_w=torch.from_numpy(run.neighbour_weights).to(device),
             nb_d=torch.from_numpy(run.neighbour_distances).to(device))
 
+    def extend(self, born: dict[str, np.ndarray]) -> None:
+        """Append Gaussians born at a frame t > 0 (`tracking.store` BORN_KEYS; always foreground): their
+        fixed parameters and neighbour rows (indices into the foreground subset after appending)."""
+        device = self.log_scales.device
+
+        def dev(a):
+            return torch.from_numpy(np.asarray(a)).to(device)
+
+        n_old, m = self.log_scales.shape[0], len(born["log_scales"])
+        self.log_scales = torch.cat([self.log_scales, dev(born["log_scales"])])
+        self.logit_opacities = torch.cat([self.logit_opacities, dev(born["logit_opacities"])])
+        self.scales = torch.exp(self.log_scales)
+        self.opacities = torch.sigmoid(self.logit_opacities).squeeze(-1)
+        self.seg = torch.cat([self.seg, dev(born["seg"])])
+        self.fg_idx = torch.cat([self.fg_idx, torch.arange(n_old, n_old + m, device=device)])
+        self.nb_idx = torch.cat([self.nb_idx, dev(born["nb_indices"])])
+        self.nb_w = torch.cat([self.nb_w, dev(born["nb_weights"])])
+        self.nb_d = torch.cat([self.nb_d, dev(born["nb_distances"])])
+
 
 # Parameters fixed after t = 0 that the "no parameter fixing" ablation optimises in each frame.
 UNFROZEN_KEYS = ("logit_opacities", "log_scales", "cam_m", "cam_c")
@@ -490,6 +509,10 @@ def fit_next_frame(seq, t: int, prev: FrameRecord, prev2: FrameRecord, static: _
     prev_means, prev_quats = dev(prev.means), quat_normalize(dev(prev.quats))
     if config.velocity_init:  # constant velocity (the original's `initialize_per_timestep`)
         prev2_means, prev2_quats = dev(prev2.means), quat_normalize(dev(prev2.quats))
+        n2 = prev2_means.shape[0]
+        if n2 < prev_means.shape[0]:  # Gaussians born at t - 1 have no t - 2: zero velocity
+            prev2_means = torch.cat([prev2_means, prev_means[n2:]])
+            prev2_quats = torch.cat([prev2_quats, prev_quats[n2:]])
         means0 = prev_means + (prev_means - prev2_means)
         quats0 = quat_normalize(prev_quats + (prev_quats - prev2_quats))
     else:
@@ -536,5 +559,49 @@ def fit_next_frame(seq, t: int, prev: FrameRecord, prev2: FrameRecord, static: _
     stage = Stage(L.NEXT, t, config.steps_per_frame, config, params, optimizer, render_inputs, camera_colour,
                   static=static, frame=frame, generator=gen, world=world)
     curves = optimise(stage, views, targets, order, n_frames=seq.n_frames, progress=progress, echo=echo)
-    _, record = _finish(stage, curves, time.perf_counter() - t_start, seq, params["means"].shape[0])
+    n_tracked = params["means"].shape[0]
+    born, spawn_stats = None, {}
+    if config.spawn_new:
+        from .spawn import spawn_gaussians
+
+        # The spawn stage's bar and summary come after the frame's; its steps draw from the frame's generator.
+        seconds = time.perf_counter() - t_start
+        _, record = _finish(stage, curves, seconds, seq, n_tracked)
+        born, spawn_stats = spawn_gaussians(
+            seq, t, {k: v.detach() for k, v in render_inputs().items()}, params["means"].detach()[static.fg_idx],
+            static.nb_idx.shape[1], views, targets, config, scene_radius, device, gen, render=render,
+            optimise=optimise, make_stage=_spawn_stage(camera_colour, static, world), camera_order=camera_order,
+            echo=echo, n_frames=seq.n_frames, progress=progress)
+        record.seconds = time.perf_counter() - t_start
+        record.stats.update(spawn_stats)
+    else:
+        _, record = _finish(stage, curves, time.perf_counter() - t_start, seq, n_tracked)
+    record.birth_frame = prev.births()
+    if born is not None:
+        record = with_born(record, born, t)
+    return record
+
+
+def _spawn_stage(camera_colour, static: _Static, world: World):
+    def make(name, t, steps, config, params, optimizer, render_inputs, **kwargs) -> Stage:
+        return Stage(name, t, steps, config, params, optimizer, render_inputs, camera_colour, static=static,
+                     world=world, **kwargs)
+    return make
+
+
+def with_born(record: FrameRecord, born: dict[str, np.ndarray], t: int) -> FrameRecord:
+    """Frame t's record with the Gaussians born at t appended (zero colour moments, birth_frame t)."""
+    m = len(born["means"])
+    adam = {k: dict(v) for k, v in record.adam.items()}
+    zeros = np.zeros((m, 3), np.float32)
+    adam["rgb"]["exp_avg"] = np.concatenate([adam["rgb"]["exp_avg"], zeros])
+    adam["rgb"]["exp_avg_sq"] = np.concatenate([adam["rgb"]["exp_avg_sq"], zeros])
+    record.means = np.concatenate([record.means, born["means"]])
+    record.quats = np.concatenate([record.quats, born["quats"]])
+    record.rgb = np.concatenate([record.rgb, born["rgb"]])
+    record.adam = adam
+    record.birth_frame = np.concatenate([record.births(), np.full(m, t, np.int64)])
+    record.born = {k: born[k] for k in ("log_scales", "logit_opacities", "seg", "nb_indices", "nb_weights",
+                                        "nb_distances")}
+    record.stats["n_gaussians"] = int(len(record.means))
     return record

@@ -7,6 +7,13 @@ cameras, all t = 0 parameters, the foreground mask and neighbour graph used by t
 per frame (means, unnormalised quaternions, rgb colours), the Adam state that carries over (the
 colours' moments, and every group's step counter), the loss/PSNR curves and the timings.
 
+The number of Gaussians may grow (`TrackingConfig.spawn_new`): Gaussians are only ever appended, so
+frame t holds the N_t Gaussians alive at t, rows 0..N_t - 1 of the run's numbering. ``birth_frame``
+[N_t] int64 says at which frame each was born (0: from t = 0; absent in runs written before it
+existed, read as zeros), and a frame at which Gaussians were born has a group ``born`` with their fixed
+parameters (log_scales [M, 3], logit_opacities [M, 1], seg [M, 3]) and their rigidity neighbours
+(nb_indices [M, K] into the foreground subset of the N_t Gaussians, nb_weights, nb_distances [M, K]).
+
 Every file is written to a temporary name in the same folder, flushed and fsynced, then renamed with
 `os.replace` (atomic on POSIX), and the folder is fsynced: a frame file exists completely or not at
 all, whenever the process is killed.
@@ -80,6 +87,8 @@ class FrameRecord:
     adam: {"rgb": {"exp_avg", "exp_avg_sq", "step"}, "means": {"step"}, "quats": {"step"}};
     curves: {"loss": [steps], "psnr": [steps], ...}; stats: scalar metrics (with "source_frame", the
     frame's index in the data source); seconds: wall time.
+    birth_frame: int64 [N] (None: all 0); born: the fixed parameters and neighbours of the Gaussians born
+    at this frame (see BORN_KEYS and the module docstring), None when none were.
     """
 
     t: int
@@ -90,6 +99,17 @@ class FrameRecord:
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    birth_frame: np.ndarray | None = None
+    born: dict[str, np.ndarray] | None = None
+
+    def births(self) -> np.ndarray:
+        """int64 [N]: the birth frame of each Gaussian (zeros when not stored)."""
+        if self.birth_frame is None:
+            return np.zeros(len(self.means), np.int64)
+        return np.asarray(self.birth_frame, np.int64)
+
+
+BORN_KEYS = ("log_scales", "logit_opacities", "seg", "nb_indices", "nb_weights", "nb_distances")
 
 
 @dataclass
@@ -251,6 +271,11 @@ def write_frame(out_dir: str | Path, rec: FrameRecord) -> Path:
             f.create_dataset("means", data=rec.means)
             f.create_dataset("quats", data=rec.quats)
             f.create_dataset("rgb", data=rec.rgb)
+            f.create_dataset("birth_frame", data=rec.births())
+            if rec.born is not None:
+                born = f.create_group("born")
+                for k in BORN_KEYS:
+                    born.create_dataset(k, data=rec.born[k])
             adam = f.create_group("adam")
             for group_name, state in rec.adam.items():
                 g = adam.create_group(group_name)
@@ -269,8 +294,11 @@ def read_frame(out_dir: str | Path, t: int, *, arrays: bool = True) -> FrameReco
         empty = np.zeros((0,), np.float32)
         get = (lambda k: f[k][()]) if arrays else (lambda k: empty)
         adam = {}
+        birth_frame = born = None
         if arrays:
             adam = {g: {k: f["adam"][g][k][()] for k in f["adam"][g]} for g in f["adam"]}
+            birth_frame = f["birth_frame"][()] if "birth_frame" in f else None
+            born = {k: f["born"][k][()] for k in BORN_KEYS} if "born" in f else None
         return FrameRecord(
             t=int(f.attrs["t"]),
             means=get("means"),
@@ -280,7 +308,21 @@ def read_frame(out_dir: str | Path, t: int, *, arrays: bool = True) -> FrameReco
             curves={k: f["curves"][k][()] for k in f["curves"]},
             stats=json.loads(f.attrs["stats"]),
             seconds=float(f.attrs["seconds"]),
+            birth_frame=birth_frame,
+            born=born,
         )
+
+
+def read_born(out_dir: str | Path, t: int) -> dict[str, np.ndarray] | None:
+    """The ``born`` group of frame t (Gaussians born at t), or None."""
+    with h5py.File(frame_path(out_dir, t), "r") as f:
+        return {k: f["born"][k][()] for k in BORN_KEYS} if "born" in f else None
+
+
+def read_birth_frame(out_dir: str | Path, t: int) -> np.ndarray | None:
+    """int64 [N_t] birth frames of frame t's Gaussians, or None when the file predates them."""
+    with h5py.File(frame_path(out_dir, t), "r") as f:
+        return f["birth_frame"][()].astype(np.int64) if "birth_frame" in f else None
 
 
 def frame_is_valid(out_dir: str | Path, t: int) -> bool:

@@ -109,7 +109,9 @@ class RunViewer:
         self._fg = self.result.fg.numpy()
         self._scales = self.result.scales.numpy().astype(np.float32)
         self._opacities = self.result.opacities.numpy().astype(np.float32)[:, None]
-        self._seg = self.result.params(0)["seg"].numpy().astype(np.float32)
+        # every Gaussian's label [N, 3]: the last frame holds every Gaussian of the run
+        self._seg = self.result.params(n_frames - 1)["seg"].numpy().astype(np.float32)
+        self._births = self.result.birth_frame.numpy()
         self._trail_means: dict[tuple[int, int], np.ndarray] = {}
         self._data = None
         self._data_failed = False
@@ -144,7 +146,8 @@ class RunViewer:
         # Start from the first training camera's pose, looking along its axis at the depth of the foreground
         # (else of everything): the view the fit was trained on.
         means = self.result.means[self.frame].numpy()
-        focus = means[self._fg] if self._fg.any() else means
+        fg = self._fg[:len(means)]
+        focus = means[fg] if fg.any() else means
         cam0 = self.result.train_cameras[0] if self.result.train_cameras else self.cameras[0]
         _, centre, fov = camera_pose(cam0)
         c2w = np.linalg.inv(np.asarray(cam0.w2c, np.float64))
@@ -204,14 +207,15 @@ class RunViewer:
             if int(self.gui["frame"].value) != t:
                 self.gui["frame"].value = t  # re-enters show() through the slider callback (an RLock)
                 return
-            p = self.result.params(t)
-            keep = np.ones(self.n_gaussians, bool) if self.gui["background"].value else self._fg
-            colours = self._seg if self.gui["segmentation"].value else p["rgb"].numpy()
+            p = self.result.params(t)   # the Gaussians alive at t (born at or before t)
+            n = p["means"].shape[0]
+            keep = (np.ones(self.n_gaussians, bool) if self.gui["background"].value else self._fg)[:n]
+            colours = self._seg[:n] if self.gui["segmentation"].value else p["rgb"].numpy()
             with self.server.atomic():
                 self.splats = self.server.scene.add_gaussian_splats(
                     "/gaussians", centers=p["means"].numpy()[keep].astype(np.float32),
-                    covariances=covariances(p["quats"].numpy()[keep], self._scales[keep]),
-                    rgbs=np.clip(colours[keep], 0.0, 1.0).astype(np.float32), opacities=self._opacities[keep])
+                    covariances=covariances(p["quats"].numpy()[keep], self._scales[:n][keep]),
+                    rgbs=np.clip(colours[keep], 0.0, 1.0).astype(np.float32), opacities=self._opacities[:n][keep])
                 self._draw_trails(t)
                 if self.gui["cameras"].value:
                     self._update_cameras()
@@ -229,8 +233,9 @@ class RunViewer:
         return self._trail_means[key]
 
     def _draw_trails(self, t: int) -> None:
-        idx = self.trail_indices()
         t0 = max(0, t - int(self.gui["trail_length"].value))
+        idx = self.trail_indices()
+        idx = idx[self._births[idx] <= t0]  # a trail starts at t0: only Gaussians that exist by then
         if not self.gui["trails"].value or len(idx) == 0 or t0 == t:
             if self.trails is not None:
                 self.trails.remove()
