@@ -314,12 +314,26 @@ def total_loss(terms: dict[str, torch.Tensor], config) -> torch.Tensor:
     return sum(getattr(w, k) * v for k, v in terms.items())
 
 
+def stacked_total_loss(terms: dict[str, torch.Tensor], config, cache: dict) -> torch.Tensor:
+    """`total_loss` as one stacked product and sum (3 launches forward, 1 backward, instead of two per
+    term each way); `cache` keeps the weight vector per set of terms (one host-to-device copy each)."""
+    names = tuple(terms)
+    weights = cache.get(names)
+    values = torch.stack(list(terms.values()))
+    if weights is None:
+        w = config.weights
+        weights = cache[names] = torch.tensor([float(getattr(w, k)) for k in names], dtype=values.dtype,
+                                              device=values.device)
+    return (values * weights).sum()
+
+
 __all__ = [
     "TERMS",
     "Term",
     "previous_offsets",
     "term_names",
     "total_loss",
+    "stacked_total_loss",
     "background_loss",
     "floor_loss",
     "image_loss",

@@ -1,0 +1,344 @@
+"""The local-rigidity losses of Dynamic 3D Gaussians (rigid, rot, iso) fused in Triton, hand-written backward.
+
+Twin: `tritonsplat/reference/rigidity.py` (same names and signatures; the definitions are in its docstring).
+Eager PyTorch spends ~345 launches per step on these three terms (gathers, quaternion products, norms
+and their autograd backward; counted on the 2-core CPU); here the forward is one kernel plus a sum of
+per-program partials, and the backward two kernels.
+
+Forward, one lane per foreground row i, a static loop over its K neighbours j (e = i K + k):
+    r_i = q_i (x) conj(p_i), u_i = r_i / max(|r_i|, 1e-12), o = mu_j - mu_i, v = R(u_i)^T o,
+    s_rigid = sqrt(w |v - o_prev|^2 + eps), s_rot = sqrt(w |r_j - r_i|^2 + eps),
+    s_iso = sqrt(w (sqrt(|o|^2 + eps) - d0)^2 + eps).
+
+Backward, with c = 1 / (F K) and the upstream gradients g_rigid, g_rot, g_iso:
+    dv = g_rigid c w (v - o_prev) / s_rigid,  do = R dv + g_iso c w (|o| - d0) / s_iso * o / |o|,
+    dR = o dv^T (summed over k, then through R(u) and the normalisation once per row),
+    dr_j = g_rot c w (r_j - r_i) / s_rot = -dr_i (per entry),
+    dq = dr (x) p (r = q (x) conj(p) is linear in q, with transpose "(x) p"),
+    dmu_j = do, dmu_i = -sum_k do.
+Kernel 1 writes each entry's contribution to its neighbour j ([F K, 7]: dmu_j, dq_j) and each row's own
+sum ([F, 7]); kernel 2 gives every foreground row its own sum plus its incoming entries in the fixed order
+of `NeighbourCSR` (no atomics: the result does not depend on scheduling, so resumes stay bit-identical).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.rigidity import NORMALIZE_EPS, SQRT_EPS, NeighbourCSR, check_rigidity_inputs
+
+BLOCK = 64  # foreground rows per program, one per lane (2 warps)
+NUM_WARPS = 2
+
+
+@triton.jit
+def _load_quat(ptr, row, mask):
+    base = ptr + row * 4
+    return (tl.load(base, mask=mask, other=1.0), tl.load(base + 1, mask=mask, other=0.0),
+            tl.load(base + 2, mask=mask, other=0.0), tl.load(base + 3, mask=mask, other=0.0))
+
+
+@triton.jit
+def _load_vec3(ptr, row, mask):
+    base = ptr + row * 3
+    return (tl.load(base, mask=mask, other=0.0), tl.load(base + 1, mask=mask, other=0.0),
+            tl.load(base + 2, mask=mask, other=0.0))
+
+
+@triton.jit
+def _relative(qw, qx, qy, qz, pw, px, py, pz):
+    """q (x) conj(p), conj(p) = (pw, -px, -py, -pz)."""
+    return (qw * pw + qx * px + qy * py + qz * pz,
+            -qw * px + qx * pw - qy * pz + qz * py,
+            -qw * py + qx * pz + qy * pw - qz * px,
+            -qw * pz - qx * py + qy * px + qz * pw)
+
+
+@triton.jit
+def _times(gw, gx, gy, gz, pw, px, py, pz):
+    """g (x) p: the transpose of q -> q (x) conj(p) applied to g."""
+    return (gw * pw - gx * px - gy * py - gz * pz,
+            gw * px + gx * pw + gy * pz - gz * py,
+            gw * py - gx * pz + gy * pw + gz * px,
+            gw * pz + gx * py - gy * px + gz * pw)
+
+
+@triton.jit
+def _rows(rw, rx, ry, rz, EPS: tl.constexpr):
+    """Normalised u = r / max(|r|, eps) and R(u), row-major R00..R22."""
+    norm = tl.maximum(tl.sqrt(rw * rw + rx * rx + ry * ry + rz * rz), EPS)
+    w, x, y, z = rw / norm, rx / norm, ry / norm, rz / norm
+    return (w, x, y, z, norm,
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y))
+
+
+@triton.jit
+def _rigidity_forward_kernel(
+    means_ptr,      # [N, 3] float32
+    quats_ptr,      # [N, 4] float32 normalised
+    prev_ptr,       # [F, 4] float32 normalised rotations at t - 1
+    fg_ptr,         # [F] int64 rows of the foreground in means / quats
+    nb_ptr,         # [F, K] int64 neighbours as foreground rows
+    weights_ptr,    # [F, K] float32
+    dist0_ptr,      # [F, K] float32
+    prev_off_ptr,   # [F, K, 3] float32
+    partials_ptr,   # [n_programs, 3] float32 out: sums of s_rigid, s_rot, s_iso
+    n_fg,
+    K: tl.constexpr, BLOCK: tl.constexpr, SQRT_EPS: tl.constexpr, NORM_EPS: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    ok = i < n_fg
+    g = tl.load(fg_ptr + i, mask=ok, other=0)
+    mx, my, mz = _load_vec3(means_ptr, g, ok)
+    qw, qx, qy, qz = _load_quat(quats_ptr, g, ok)
+    pw, px, py, pz = _load_quat(prev_ptr, i, ok)
+    rw, rx, ry, rz = _relative(qw, qx, qy, qz, pw, px, py, pz)
+    _w, _x, _y, _z, _n, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rows(rw, rx, ry, rz, NORM_EPS)
+    sum_rigid = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_rot = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_iso = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        e = i * K + k
+        j = tl.load(nb_ptr + e, mask=ok, other=0)
+        gj = tl.load(fg_ptr + j, mask=ok, other=0)
+        w = tl.load(weights_ptr + e, mask=ok, other=0.0)
+        d0 = tl.load(dist0_ptr + e, mask=ok, other=0.0)
+        ax, ay, az = _load_vec3(prev_off_ptr, e, ok)
+        jx, jy, jz = _load_vec3(means_ptr, gj, ok)
+        ox, oy, oz = jx - mx, jy - my, jz - mz
+        vx = r00 * ox + r10 * oy + r20 * oz  # R^T o
+        vy = r01 * ox + r11 * oy + r21 * oz
+        vz = r02 * ox + r12 * oy + r22 * oz
+        ex, ey, ez = vx - ax, vy - ay, vz - az
+        s_rigid = tl.sqrt((ex * ex + ey * ey + ez * ez) * w + SQRT_EPS)
+        jqw, jqx, jqy, jqz = _load_quat(quats_ptr, gj, ok)
+        jpw, jpx, jpy, jpz = _load_quat(prev_ptr, j, ok)
+        sw, sx, sy, sz = _relative(jqw, jqx, jqy, jqz, jpw, jpx, jpy, jpz)
+        dw, dx, dy, dz = sw - rw, sx - rx, sy - ry, sz - rz
+        s_rot = tl.sqrt((dw * dw + dx * dx + dy * dy + dz * dz) * w + SQRT_EPS)
+        distance = tl.sqrt(ox * ox + oy * oy + oz * oz + SQRT_EPS)
+        a = distance - d0
+        s_iso = tl.sqrt(a * a * w + SQRT_EPS)
+        sum_rigid += tl.where(ok, s_rigid, 0.0)
+        sum_rot += tl.where(ok, s_rot, 0.0)
+        sum_iso += tl.where(ok, s_iso, 0.0)
+    program = tl.program_id(0)
+    tl.store(partials_ptr + program * 3, tl.sum(sum_rigid, 0))
+    tl.store(partials_ptr + program * 3 + 1, tl.sum(sum_rot, 0))
+    tl.store(partials_ptr + program * 3 + 2, tl.sum(sum_iso, 0))
+
+
+@triton.jit
+def _rigidity_backward_entries_kernel(
+    means_ptr, quats_ptr, prev_ptr, fg_ptr, nb_ptr, weights_ptr, dist0_ptr, prev_off_ptr,  # as forward
+    grad_ptr,       # [3] float32 upstream: d/d rigid, rot, iso (already divided by F K)
+    entries_ptr,    # [F K, 7] float32 out: (dmu_j, dq_j) of each entry, for its neighbour j
+    own_ptr,        # [F, 7] float32 out: (dmu_i, dq_i) summed over the row's entries
+    n_fg,
+    K: tl.constexpr, BLOCK: tl.constexpr, SQRT_EPS: tl.constexpr, NORM_EPS: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_fg
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    all_lanes = zero == 0
+    g_rigid = tl.load(grad_ptr + zero, mask=all_lanes, other=0.0)
+    g_rot = tl.load(grad_ptr + 1 + zero, mask=all_lanes, other=0.0)
+    g_iso = tl.load(grad_ptr + 2 + zero, mask=all_lanes, other=0.0)
+    g = tl.load(fg_ptr + i, mask=ok, other=0)
+    mx, my, mz = _load_vec3(means_ptr, g, ok)
+    qw, qx, qy, qz = _load_quat(quats_ptr, g, ok)
+    pw, px, py, pz = _load_quat(prev_ptr, i, ok)
+    rw, rx, ry, rz = _relative(qw, qx, qy, qz, pw, px, py, pz)
+    uw, ux, uy, uz, norm, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rows(rw, rx, ry, rz, NORM_EPS)
+    fzero = tl.zeros([BLOCK], dtype=tl.float32)
+    gmx, gmy, gmz = fzero, fzero, fzero  # d/d mu_i
+    grw, grx, gry, grz = fzero, fzero, fzero, fzero  # d/d r_i from the rot term
+    g00, g01, g02, g10, g11, g12, g20, g21, g22 = fzero, fzero, fzero, fzero, fzero, fzero, fzero, fzero, fzero
+    for k in tl.static_range(K):
+        e = i * K + k
+        j = tl.load(nb_ptr + e, mask=ok, other=0)
+        gj = tl.load(fg_ptr + j, mask=ok, other=0)
+        w = tl.load(weights_ptr + e, mask=ok, other=0.0)
+        d0 = tl.load(dist0_ptr + e, mask=ok, other=0.0)
+        ax, ay, az = _load_vec3(prev_off_ptr, e, ok)
+        jx, jy, jz = _load_vec3(means_ptr, gj, ok)
+        ox, oy, oz = jx - mx, jy - my, jz - mz
+        vx = r00 * ox + r10 * oy + r20 * oz
+        vy = r01 * ox + r11 * oy + r21 * oz
+        vz = r02 * ox + r12 * oy + r22 * oz
+        ex, ey, ez = vx - ax, vy - ay, vz - az
+        s_rigid = tl.sqrt((ex * ex + ey * ey + ez * ez) * w + SQRT_EPS)
+        c_rigid = g_rigid * w / s_rigid
+        dvx, dvy, dvz = c_rigid * ex, c_rigid * ey, c_rigid * ez
+        # v_a = sum_b R_ba o_b: do_b = sum_a R_ba dv_a, dR_ba = o_b dv_a
+        dox = r00 * dvx + r01 * dvy + r02 * dvz
+        doy = r10 * dvx + r11 * dvy + r12 * dvz
+        doz = r20 * dvx + r21 * dvy + r22 * dvz
+        g00 += ox * dvx
+        g01 += ox * dvy
+        g02 += ox * dvz
+        g10 += oy * dvx
+        g11 += oy * dvy
+        g12 += oy * dvz
+        g20 += oz * dvx
+        g21 += oz * dvy
+        g22 += oz * dvz
+        distance = tl.sqrt(ox * ox + oy * oy + oz * oz + SQRT_EPS)
+        a = distance - d0
+        s_iso = tl.sqrt(a * a * w + SQRT_EPS)
+        c_iso = g_iso * w * a / (s_iso * distance)
+        dox += c_iso * ox
+        doy += c_iso * oy
+        doz += c_iso * oz
+        jqw, jqx, jqy, jqz = _load_quat(quats_ptr, gj, ok)
+        jpw, jpx, jpy, jpz = _load_quat(prev_ptr, j, ok)
+        sw, sx, sy, sz = _relative(jqw, jqx, jqy, jqz, jpw, jpx, jpy, jpz)
+        dw, dx, dy, dz = sw - rw, sx - rx, sy - ry, sz - rz
+        s_rot = tl.sqrt((dw * dw + dx * dx + dy * dy + dz * dz) * w + SQRT_EPS)
+        c_rot = g_rot * w / s_rot
+        dsw, dsx, dsy, dsz = c_rot * dw, c_rot * dx, c_rot * dy, c_rot * dz
+        grw -= dsw
+        grx -= dsx
+        gry -= dsy
+        grz -= dsz
+        gmx -= dox
+        gmy -= doy
+        gmz -= doz
+        tqw, tqx, tqy, tqz = _times(dsw, dsx, dsy, dsz, jpw, jpx, jpy, jpz)
+        out = entries_ptr + e * 7
+        tl.store(out, dox, mask=ok)
+        tl.store(out + 1, doy, mask=ok)
+        tl.store(out + 2, doz, mask=ok)
+        tl.store(out + 3, tqw, mask=ok)
+        tl.store(out + 4, tqx, mask=ok)
+        tl.store(out + 5, tqy, mask=ok)
+        tl.store(out + 6, tqz, mask=ok)
+    # dR -> du (R(u) of the unit u), then through u = r / max(|r|, eps)
+    duw = 2 * (-uz * g01 + uy * g02 + uz * g10 - ux * g12 - uy * g20 + ux * g21)
+    dux = 2 * (uy * g01 + uz * g02 + uy * g10 - 2 * ux * g11 - uw * g12 + uz * g20 + uw * g21 - 2 * ux * g22)
+    duy = 2 * (-2 * uy * g00 + ux * g01 + uw * g02 + ux * g10 + uz * g12 - uw * g20 + uz * g21 - 2 * uy * g22)
+    duz = 2 * (-2 * uz * g00 - uw * g01 + ux * g02 + uw * g10 - 2 * uz * g11 + uy * g12 + ux * g20 + uy * g21)
+    dot = tl.where(norm > NORM_EPS, uw * duw + ux * dux + uy * duy + uz * duz, 0.0)
+    grw += (duw - uw * dot) / norm
+    grx += (dux - ux * dot) / norm
+    gry += (duy - uy * dot) / norm
+    grz += (duz - uz * dot) / norm
+    tqw, tqx, tqy, tqz = _times(grw, grx, gry, grz, pw, px, py, pz)
+    out = own_ptr + i * 7
+    tl.store(out, gmx, mask=ok)
+    tl.store(out + 1, gmy, mask=ok)
+    tl.store(out + 2, gmz, mask=ok)
+    tl.store(out + 3, tqw, mask=ok)
+    tl.store(out + 4, tqx, mask=ok)
+    tl.store(out + 5, tqy, mask=ok)
+    tl.store(out + 6, tqz, mask=ok)
+
+
+@triton.jit
+def _rigidity_backward_rows_kernel(
+    entries_ptr,    # [F K, 7] float32
+    own_ptr,        # [F, 7] float32
+    order_ptr,      # [F K] int32 entries sorted by neighbour row
+    offsets_ptr,    # [F + 1] int32
+    fg_ptr,         # [F] int64
+    grad_means_ptr,  # [N, 3] float32 out (zero outside the foreground)
+    grad_quats_ptr,  # [N, 4] float32 out
+    n_fg,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < n_fg
+    start = tl.load(offsets_ptr + n, mask=ok, other=0)
+    end = tl.load(offsets_ptr + n + 1, mask=ok, other=0)
+    own = own_ptr + n * 7
+    a0 = tl.load(own, mask=ok, other=0.0)
+    a1 = tl.load(own + 1, mask=ok, other=0.0)
+    a2 = tl.load(own + 2, mask=ok, other=0.0)
+    a3 = tl.load(own + 3, mask=ok, other=0.0)
+    a4 = tl.load(own + 4, mask=ok, other=0.0)
+    a5 = tl.load(own + 5, mask=ok, other=0.0)
+    a6 = tl.load(own + 6, mask=ok, other=0.0)
+    longest = tl.max(end - start, 0)
+    step = 0
+    while step < longest:
+        live = ok & (start + step < end)
+        e = tl.load(order_ptr + start + step, mask=live, other=0).to(tl.int64)
+        row = entries_ptr + e * 7
+        a0 += tl.load(row, mask=live, other=0.0)
+        a1 += tl.load(row + 1, mask=live, other=0.0)
+        a2 += tl.load(row + 2, mask=live, other=0.0)
+        a3 += tl.load(row + 3, mask=live, other=0.0)
+        a4 += tl.load(row + 4, mask=live, other=0.0)
+        a5 += tl.load(row + 5, mask=live, other=0.0)
+        a6 += tl.load(row + 6, mask=live, other=0.0)
+        step += 1
+    g = tl.load(fg_ptr + n, mask=ok, other=0)
+    tl.store(grad_means_ptr + g * 3, a0, mask=ok)
+    tl.store(grad_means_ptr + g * 3 + 1, a1, mask=ok)
+    tl.store(grad_means_ptr + g * 3 + 2, a2, mask=ok)
+    tl.store(grad_quats_ptr + g * 4, a3, mask=ok)
+    tl.store(grad_quats_ptr + g * 4 + 1, a4, mask=ok)
+    tl.store(grad_quats_ptr + g * 4 + 2, a5, mask=ok)
+    tl.store(grad_quats_ptr + g * 4 + 3, a6, mask=ok)
+
+
+def _constants(n_fg: int, k: int) -> dict:
+    return {"K": k, "BLOCK": BLOCK, "SQRT_EPS": SQRT_EPS, "NORM_EPS": NORMALIZE_EPS}
+
+
+class RigidityFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients for means and quats (the other inputs are data)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, prev_quats, fg_index, neighbour_indices, neighbour_weights, initial_distances,
+                prev_offsets, order, offsets):
+        n_fg, k = neighbour_indices.shape
+        grid = (triton.cdiv(n_fg, BLOCK),)
+        partials = torch.empty((grid[0], 3), dtype=torch.float32, device=means.device)
+        data = (means.detach(), quats.detach(), prev_quats, fg_index, neighbour_indices, neighbour_weights,
+                initial_distances, prev_offsets)
+        _rigidity_forward_kernel[grid](*data, partials, n_fg, **_constants(n_fg, k), num_warps=NUM_WARPS)
+        ctx.save_for_backward(*data, order, offsets)
+        return partials.sum(0) * (1.0 / (n_fg * k))
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [3]
+        means, quats, prev_quats, fg_index, nb, weights, dist0, prev_offsets, order, offsets = ctx.saved_tensors
+        n_fg, k = nb.shape
+        grid = (triton.cdiv(n_fg, BLOCK),)
+        upstream = (grad * (1.0 / (n_fg * k))).to(torch.float32).contiguous()
+        entries = torch.empty((n_fg * k, 7), dtype=torch.float32, device=means.device)
+        own = torch.empty((n_fg, 7), dtype=torch.float32, device=means.device)
+        _rigidity_backward_entries_kernel[grid](means, quats, prev_quats, fg_index, nb, weights, dist0, prev_offsets,
+                                                upstream, entries, own, n_fg, **_constants(n_fg, k),
+                                                num_warps=NUM_WARPS)
+        grad_means = torch.zeros_like(means)
+        grad_quats = torch.zeros_like(quats)
+        _rigidity_backward_rows_kernel[grid](entries, own, order, offsets, fg_index, grad_means, grad_quats, n_fg,
+                                             BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return grad_means, grad_quats, None, None, None, None, None, None, None, None
+
+
+def rigidity_losses(means: torch.Tensor, quats: torch.Tensor, prev_quats: torch.Tensor, fg_index: torch.Tensor,
+                    neighbour_indices: torch.Tensor, neighbour_weights: torch.Tensor,
+                    initial_distances: torch.Tensor, prev_offsets: torch.Tensor,
+                    csr: NeighbourCSR | None = None) -> torch.Tensor:
+    """(rigid, rot, iso) as one tensor [3], differentiable in `means` [N, 3] and `quats` [N, 4] float32.
+
+    Arguments as the twin `tritonsplat.reference.rigidity.rigidity_losses`; every tensor contiguous
+    float32 (indices int64) on one device. `csr`: `NeighbourCSR.build(neighbour_indices)`, computed
+    once per fit (built here when None, which costs a sort per call).
+    """
+    check_rigidity_inputs(means, quats, prev_quats, fg_index, neighbour_indices, neighbour_weights,
+                          initial_distances, prev_offsets)
+    if means.dtype != torch.float32 or quats.dtype != torch.float32:
+        raise ValueError(f"means, quats: expected float32, got {means.dtype} and {quats.dtype}")
+    if csr is None:
+        csr = NeighbourCSR.build(neighbour_indices)
+    return RigidityFunction.apply(means, quats, prev_quats.contiguous(), fg_index.contiguous(),
+                                  neighbour_indices.contiguous(), neighbour_weights.contiguous(),
+                                  initial_distances.contiguous(), prev_offsets.contiguous(), csr.order, csr.offsets)
