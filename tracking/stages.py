@@ -508,6 +508,7 @@ class _Static:
         self.nb_idx = torch.cat([self.nb_idx, dev(born["nb_indices"])])
         self.nb_w = torch.cat([self.nb_w, dev(born["nb_weights"])])
         self.nb_d = torch.cat([self.nb_d, dev(born["nb_distances"])])
+        self._csr = None   # the neighbour table changed: rebuild it on next use
 
 
 # Parameters fixed after t = 0 that the "no parameter fixing" ablation optimises in each frame.
