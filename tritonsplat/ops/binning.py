@@ -361,25 +361,35 @@ def check_intersection_count(total: int) -> None:
                          f"render fewer cameras or Gaussians per call, or at a lower resolution")
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The binning kernel's configurations (collected by `tritonsplat.aot`): count and emit for both
-    tile rules, and the int32 rank-key emit."""
+    tile rules, and the int32 rank-key emit, at 16-pixel tiles; `exhaustive` adds every tile size the
+    pipeline accepts (4, 8, 32) and the rank-key emit with the rectangle rule."""
     from ._launch import kernel_signature
 
     launch = launch_settings("binning")
     types = {"radii_ptr": "*i32", "depth_order_ptr": "*i64", "inclusive_ptr": "*i64", "counts_ptr": "*i32",
              "keys_ptr": "*i64", "ids_ptr": "*i32"}
     variants = []
+
+    def variant(name, tile_size, rule, emit, rank_keys):
+        variants.append(dict(
+            name=name, kernel="_bin_tiles_kernel",
+            signature=kernel_signature(_bin_tiles_kernel, dict(types, keys_ptr="*i32") if rank_keys else types),
+            constexprs=dict(BLOCK=launch.block, TILE_SIZE=tile_size, TILE_RULE=rule, EMIT=emit, RANK_KEYS=rank_keys),
+            num_warps=launch.num_warps))
+
     for rule in (0, 1):
         for emit in (False, True):
-            variants.append(dict(
-                name=f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", kernel="_bin_tiles_kernel",
-                signature=kernel_signature(_bin_tiles_kernel, types),
-                constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=rule, EMIT=emit, RANK_KEYS=False),
-                num_warps=launch.num_warps))
-    variants.append(dict(
-        name="bin_tiles[emit,rule=0,rank_keys]", kernel="_bin_tiles_kernel",
-        signature=kernel_signature(_bin_tiles_kernel, dict(types, keys_ptr="*i32")),
-        constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=0, EMIT=True, RANK_KEYS=True),
-        num_warps=launch.num_warps))
+            variant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", 16, rule, emit, False)
+    variant("bin_tiles[emit,rule=0,rank_keys]", 16, 0, True, True)
+    if exhaustive:
+        for tile_size in (4, 8, 16, 32):
+            for rule in (0, 1):
+                if tile_size != 16:
+                    for emit in (False, True):
+                        variant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule},tile={tile_size}]",
+                                tile_size, rule, emit, False)
+                if (tile_size, rule) != (16, 0):
+                    variant(f"bin_tiles[emit,rule={rule},rank_keys,tile={tile_size}]", tile_size, rule, True, True)
     return variants

@@ -95,7 +95,7 @@ def pending_value_checks(inputs: RasterizeInputs) -> PendingChecks:
     return PendingChecks(flags, VALUE_CHECK_MESSAGES)
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The value-check kernel's configurations (collected by `tritonsplat.aot`)."""
     from ._launch import kernel_signature
 

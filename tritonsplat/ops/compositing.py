@@ -877,8 +877,11 @@ def _aot_signature(kernel) -> dict:
     return signature
 
 
-def compiled_variants() -> list[dict]:
-    """Every compositing kernel configuration the launchers can produce, with its loop metadata.
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
+    """The compositing kernel configurations the launchers produce, with their loop metadata: every
+    channel count D = 1..8 and the D > 8 chunk launches at 16-pixel tiles, the output / gradient
+    options, and D = 3 at the other tile sizes; `exhaustive` adds every channel count and the chunk
+    launches at every tile size the pipeline accepts (4, 8, 16, 32).
 
     Each entry: name, kernel (function name), signature, constexprs, num_warps, and for the per-pair
     figures batch (Gaussians per main-loop iteration), pixels_per_thread and tile_pixels."""
@@ -925,4 +928,15 @@ def compiled_variants() -> list[dict]:
     for tile_size in (4, 8, 32):
         forward(f"composite_forward[D=3,tile={tile_size}]", tile_size, 3)
         backward(f"composite_backward[D=3,tile={tile_size}]", tile_size, 3, 3)
+    if exhaustive:
+        for tile_size in (32, 8, 4):   # 32 first: the most pixels per thread in the forward
+            for d in range(1, CHANNEL_CHUNK + 1):
+                if d != 3:
+                    forward(f"composite_forward[D={d},tile={tile_size}]", tile_size, d)
+                    backward(f"composite_backward[D={d},tile={tile_size}]", tile_size, d, d)
+            forward(f"composite_forward[D>8,chunk,tile={tile_size}]", tile_size, CHANNEL_CHUNK, alphas=False,
+                    depths=False, median=False, state=False)
+            backward(f"composite_backward[D=33,geometry,tile={tile_size}]", tile_size, CHANNEL_CHUNK, 33, densify=3)
+            backward(f"composite_backward[D>8,chunk,tile={tile_size}]", tile_size, CHANNEL_CHUNK, 0,
+                     geometry=False, alpha=False, depth=False)
     return variants

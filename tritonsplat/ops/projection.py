@@ -855,28 +855,47 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
 # Compiled variants (collected by `tritonsplat.aot`): what the launchers above can launch.
 # --------------------------------------------------------------------------------------------------
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The projection kernels' configurations: SH degree -1 / 3 with the standard in-kernel clamp, and
-    the compat path (covariance input, the original's radius rule, given clamp limits)."""
+    the compat path (covariance input, the original's radius rule, given clamp limits).
+
+    `exhaustive` adds every other configuration the launchers can produce that changes the compiled
+    code's structure: SH degrees 0-2, each tile size the pipeline accepts (4, 8, 16, 32) in the forward,
+    the other radius rule and given clamp limits, and the backward without the view-matrix gradient."""
     from ._launch import kernel_signature
 
     launch = launch_settings("projection")
     types = {"radii_ptr": "*i32", "near": "fp32", "far": "fp32", "eps2d": "fp32", "margin_x": "fp32",
              "margin_y": "fp32"}
-    forward = kernel_signature(_projection_forward_kernel, types)
-    backward = kernel_signature(_projection_backward_kernel, types)
+    forward_signature = kernel_signature(_projection_forward_kernel, types)
+    backward_signature = kernel_signature(_projection_backward_kernel, types)
     variants = []
+
+    def forward(name, covariance, sh_degree, radius_rule, standard_clamp, tile_size=16):
+        variants.append(dict(
+            name=f"projection_forward[{name}]", kernel="_projection_forward_kernel", signature=forward_signature,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            RADIUS_RULE=radius_rule, TILE_SIZE=tile_size, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+
+    def backward(name, covariance, sh_degree, viewmat_grad, standard_clamp):
+        variants.append(dict(
+            name=f"projection_backward[{name}]", kernel="_projection_backward_kernel", signature=backward_signature,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            VIEWMAT_GRAD=viewmat_grad, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+
     for name, covariance, sh_degree, radius_rule, standard_clamp in (
             ("sh=-1", False, -1, RADIUS_OPACITY_AWARE, True), ("sh=3", False, 3, RADIUS_OPACITY_AWARE, True),
             ("compat", True, -1, RADIUS_INRIA, False)):
-        variants.append(dict(
-            name=f"projection_forward[{name}]", kernel="_projection_forward_kernel", signature=forward,
-            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
-                            RADIUS_RULE=radius_rule, TILE_SIZE=16, STANDARD_CLAMP=standard_clamp),
-            num_warps=launch.num_warps))
-        variants.append(dict(
-            name=f"projection_backward[{name}]", kernel="_projection_backward_kernel", signature=backward,
-            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
-                            VIEWMAT_GRAD=not covariance, STANDARD_CLAMP=standard_clamp),
-            num_warps=launch.num_warps))
+        forward(name, covariance, sh_degree, radius_rule, standard_clamp)
+        backward(name, covariance, sh_degree, not covariance, standard_clamp)
+    if exhaustive:
+        for sh_degree in range(-1, constants.MAX_SH_DEGREE + 1):
+            for tile_size in (4, 8, 16, 32):
+                forward(f"sh={sh_degree},tile={tile_size}", False, sh_degree, RADIUS_OPACITY_AWARE, True, tile_size)
+            forward(f"sh={sh_degree},inria,given_clamp", False, sh_degree, RADIUS_INRIA, False)
+            for viewmat_grad in (True, False):
+                backward(f"sh={sh_degree},viewmat_grad={viewmat_grad}", False, sh_degree, viewmat_grad, True)
+            backward(f"sh={sh_degree},given_clamp", False, sh_degree, True, False)
     return variants

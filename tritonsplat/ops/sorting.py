@@ -129,7 +129,7 @@ def tile_ranges(sorted_keys: torch.Tensor,  # [M] int64 or int32
     return ranges
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The tile-ranges kernel's configurations (collected by `tritonsplat.aot`): int64 / int32 rank
     keys, with the count as an argument or on the device (capacity mode)."""
     from ._launch import kernel_signature
