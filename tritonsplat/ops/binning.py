@@ -47,6 +47,7 @@ from .. import types
 from ..reference.binning import BINNING_EXTENT_MARGIN, check_key_capacity
 from ..settings import RenderSettings
 from ..types import TileBins
+from . import _alloc
 from ._launch import cdiv, contiguous_inputs, launch_settings
 
 LEVEL_MARGIN = tl.constexpr(BINNING_EXTENT_MARGIN * BINNING_EXTENT_MARGIN)
@@ -325,10 +326,10 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
     capacity_mode = max_intersections is not None
     rank_bits = rank_key_bits(n_cameras, n, settings)
     key_dtype = torch.int32 if rank_bits else torch.int64
-    counts = torch.empty(n_cameras, n, dtype=torch.int32, device=device)
+    counts = _alloc.empty(n_cameras, n, dtype=torch.int32, device=device)
     flags = None
     if n == 0:
-        total_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        total_tensor = _alloc.zeros((), dtype=torch.int64, device=device)
         inclusive = None
     else:
         _launch(means2d, conics, opacities, radii, depths, radii, radii, counts, radii, radii, settings, emit=False)
@@ -336,7 +337,7 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
         total_tensor = inclusive[-1]
     if capacity_mode:
         total = max_intersections
-        keys = torch.full((total,), PAD_KEY[key_dtype], dtype=key_dtype, device=device)
+        keys = _alloc.full((total,), PAD_KEY[key_dtype], dtype=key_dtype, device=device)
         n_intersections, overflow = total_tensor, total_tensor > max_intersections
     else:
         if checks is not None and checks.numel():
@@ -345,9 +346,9 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
         else:
             total = int(total_tensor)                                          # the one host read
         check_intersection_count(total)
-        keys = torch.empty(total, dtype=key_dtype, device=device)
+        keys = _alloc.empty(total, dtype=key_dtype, device=device)
         n_intersections, overflow = total, None
-    ids = torch.empty(keys.numel(), dtype=torch.int32, device=device)
+    ids = _alloc.empty(keys.numel(), dtype=torch.int32, device=device)
     order = depth_order(depths) if rank_bits else None
     if n and keys.numel():
         _launch(means2d, conics, opacities, radii, depths, order if order is not None else radii, inclusive, counts,

@@ -18,7 +18,7 @@ from ..profiling import stage
 from ..settings import RenderSettings
 from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
 from ..validation import raise_failed_checks, resolve_pending_checks
-from . import binning, compositing, projection, sorting
+from . import _alloc, binning, compositing, projection, sorting
 
 
 def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: RenderOptions, *,
@@ -78,7 +78,7 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
 
     densify_grad = None
     if options.densify_channels is not None:
-        densify_grad = torch.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
+        densify_grad = _alloc.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..reference.ssim import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, gaussian_window_1d
+from . import _alloc
 
 BLOCK_H = 16  # pixel tile rows per program
 BLOCK_W = 16  # pixel tile columns per program (256 pixels: 2 per thread at 4 warps)
@@ -179,8 +180,8 @@ def l1_dssim_forward(render: torch.Tensor, target: torch.Tensor, ssim_weight: fl
     P, H, W = a.shape
     grid = _grid(P, H, W)
     window = gaussian_window_1d(SSIM_WINDOW, SSIM_SIGMA, torch.float32, str(a.device))
-    partials = torch.empty((3, P, H, W), dtype=torch.float32, device=a.device) if save_partials else None
-    sums = torch.empty((grid[0] * grid[1] * grid[2], 2), dtype=torch.float32, device=a.device)
+    partials = _alloc.empty((3, P, H, W), dtype=torch.float32, device=a.device) if save_partials else None
+    sums = _alloc.empty((grid[0] * grid[1] * grid[2], 2), dtype=torch.float32, device=a.device)
     _l1_dssim_forward_kernel[grid](
         a, b, window, partials if save_partials else sums, sums, H, W, P,
         C1=SSIM_C1, C2=SSIM_C2, WINDOW=SSIM_WINDOW, SAVE_PARTIALS=save_partials, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
@@ -197,7 +198,7 @@ def l1_dssim_backward(grad_loss: torch.Tensor, render: torch.Tensor, target: tor
     a, b = _planes(render, target, "l1_dssim_loss")
     P, H, W = a.shape
     window = gaussian_window_1d(SSIM_WINDOW, SSIM_SIGMA, torch.float32, str(a.device))
-    grad_a = torch.empty_like(a)
+    grad_a = _alloc.empty_like(a)
     _l1_dssim_backward_kernel[_grid(P, H, W)](
         a, b, window, partials, grad_loss.reshape(1).to(torch.float32).contiguous(), grad_a, H, W, P,
         1.0 / float(P * H * W), float(ssim_weight), WINDOW=SSIM_WINDOW, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
