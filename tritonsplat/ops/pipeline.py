@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
+from ..reference.projection import compositor_colors_and_means2d
 from ..settings import RenderSettings
 from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
 from ..validation import raise_failed_checks, resolve_pending_checks
@@ -54,16 +55,8 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
         projected = projection.project_gaussians(
             means, quats, scales, opacities, viewmats, Ks, f32(clamp_limits), settings,
             covars=f32(covars), sh_coeffs=sh_coeffs, sh_degree=inputs.sh_degree)
-    if inputs.sh_degree is not None:
-        colors = projected.colors
-    else:
-        colors = f32(inputs.colors)
-        if colors.stride(0) == 0:       # the same [N, D] colours for every camera
-            colors = colors[0]
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
+    colors, means2d, composite_means2d = compositor_colors_and_means2d(
+        projected, f32(inputs.colors), inputs.sh_degree, means2d_hook)
 
     with stage("binning"):
         pending = inputs.pending_checks
