@@ -319,9 +319,11 @@ def _pixel_sum(values, DETERMINISTIC: tl.constexpr):
     """Sum of [PIXELS_PER_THREAD, WARPS, LANES] values over the tile's pixels: inside each thread, then
     across each warp (shuffles only) -> [WARPS, 1] partials; DETERMINISTIC: over the warps too, a scalar."""
     lane_sums = tl.sum(values, axis=0)
-    if DETERMINISTIC:
-        return tl.sum(tl.sum(lane_sums, axis=1), axis=0)
-    return tl.sum(lane_sums, axis=1, keep_dims=True)
+    if DETERMINISTIC:   # one return: compiled Triton rejects two returns of different shapes
+        total = tl.sum(tl.sum(lane_sums, axis=1), axis=0)
+    else:
+        total = tl.sum(lane_sums, axis=1, keep_dims=True)
+    return total
 
 
 @triton.jit
