@@ -298,6 +298,18 @@ def _distributed_step(world_size: int, options: dict) -> None:
     _finish("step", records, config, options["out"], {"world_size": world_size}, merge=True)
 
 
+@cli.command("host")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=QUICK_OUT, show_default=True)
+def host(out: Path) -> None:
+    """Host reads and launches of a warm Triton render (forward, forward + backward, capacity mode),
+    counted by the tests' counting rule through Triton's interpreter; writes <out>/host.json."""
+    from . import host as host_report
+
+    status = host_report.main(["--out", str(out)])
+    if status:
+        raise click.ClickException("a host budget is missed (see the table)")
+
+
 @cli.command("compile-report")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Only names the results folder; no GPU is used.")

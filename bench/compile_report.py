@@ -154,21 +154,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "compile")
     parser.add_argument("--archs", default="80,90")
     parser.add_argument("--only", default=None, help="only variants whose name contains this text")
+    parser.add_argument("--all", action="store_true",
+                        help="every structurally distinct variant (tritonsplat.aot --all)")
+    parser.add_argument("--checkpoint", default=None, help="JSON-lines file to resume from and append to")
+    parser.add_argument("--stem", default="compile_report", help="file name of the .json and .png (no suffix)")
     args = parser.parse_args(argv)
     archs = tuple(int(a) for a in args.archs.split(","))
     started = time.perf_counter()
-    rows = load_compile_report()(archs=archs, only=args.only)
+    rows = load_compile_report()(archs=archs, only=args.only, exhaustive=args.all, checkpoint=args.checkpoint,
+                                 timeout=24 * 3600.0)
     command = "python -m bench.compile_report " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"benchmark": BENCHMARK, "created": now_utc(), "command": command.strip(),
-               "compile_seconds": round(time.perf_counter() - started, 1), "machine": machine_info("cpu"),
+    failed = [r["name"] + " " + r["arch"] for r in rows if aot.failures(r)]
+    payload = {"benchmark": BENCHMARK, "created": now_utc(), "how": command.strip(), "command": command.strip(),
+               "n_variants": len(rows), "n_compiled": sum(r["error"] is None for r in rows),
+               "n_failed_checks": len(failed), "failed": failed,
+               "compile_seconds": round(time.perf_counter() - started, 1),
+               "compile_seconds_sum_of_records": round(sum(r.get("compile_seconds") or 0 for r in rows), 1),
+               "machine": machine_info("cpu"),
                "before_sm90_instructions_per_pair": BEFORE_SM90, "cuda_reference_sm90": CUDA_REFERENCE_SM90,
                "targets_sm90": TARGETS_SM90, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "compile_report.json"
+    path = args.out / f"{args.stem}.json"
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(payload, indent=1) + "\n")
     temporary.replace(path)
-    plot_compile_report(rows, args.out / "compile_report.png")
+    plot_compile_report(rows, args.out / f"{args.stem}.png")
     print(aot.format_table(rows))
     print(f"wrote {path}")
     return 1 if any(aot.failures(r) for r in rows) else 0

@@ -46,7 +46,7 @@ def test_occupancy_limits():
 
 
 TARGET_VARIANTS = ("composite_forward[D=3]", "composite_forward[D=6]", "composite_backward[D=3]")
-OTHER_KERNELS = ("projection_", "value_checks", "bin_tiles", "tile_ranges")
+OTHER_KERNELS = ("projection_", "value_checks", "bin_tiles", "tile_ranges", "rigidity_")
 
 
 @pytest.fixture(scope="module")

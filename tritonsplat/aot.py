@@ -55,39 +55,39 @@ class KernelVariant:
         return ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
 
 
-def _declared_variants(module: str) -> list[KernelVariant]:
+VARIANT_MODULES = ("projection", "checks", "binning", "sorting", "compositing", "ssim", "rigidity")
+
+
+def _declared_variants(module: str, exhaustive: bool = False) -> list[KernelVariant]:
     """The variants a `tritonsplat.ops` module declares with its launchers' own constants."""
     import importlib
 
-    declared = importlib.import_module(f"tritonsplat.ops.{module}").compiled_variants()
-    return [KernelVariant(v["name"], module, v["kernel"], v["signature"], v["constexprs"], v["num_warps"])
+    declared = importlib.import_module(f"tritonsplat.ops.{module}").compiled_variants(exhaustive)
+    return [KernelVariant(v["name"], module, v["kernel"], v["signature"], v["constexprs"], v["num_warps"],
+                          v.get("batch"), v.get("pixels_per_thread"), v.get("tile_pixels"))
             for v in declared]
 
 
-def _projection_variants() -> list[KernelVariant]:
-    return _declared_variants("projection") + _declared_variants("checks")
+def _identity(variant: KernelVariant) -> tuple:
+    """Two variants with the same kernel, constexprs and warps are one compilation."""
+    return variant.module, variant.kernel, tuple(sorted(variant.constexprs.items())), variant.num_warps
 
 
-def _binning_variants() -> list[KernelVariant]:
-    return _declared_variants("binning")
-
-
-def _sorting_variants() -> list[KernelVariant]:
-    return _declared_variants("sorting")
-
-
-def _compositing_variants() -> list[KernelVariant]:
-    """Declared by the compositing module itself, with its launchers' constants."""
-    from .ops import compositing
-
-    return [KernelVariant(v["name"], "compositing", v["kernel"], v["signature"], v["constexprs"], v["num_warps"],
-                          v["batch"], v["pixels_per_thread"], v["tile_pixels"])
-            for v in compositing.compiled_variants()]
-
-
-def kernel_variants() -> list[KernelVariant]:
-    """Every kernel configuration the pipeline launches (worst cases for register pressure)."""
-    return _projection_variants() + _binning_variants() + _sorting_variants() + _compositing_variants()
+def kernel_variants(exhaustive: bool = False) -> list[KernelVariant]:
+    """The kernel configurations the pipeline launches (worst cases for register pressure); with
+    `exhaustive`, every structurally distinct configuration the launchers accept (each tile size, every
+    channel count, every SH degree), the default ones first, each compilation once."""
+    default = [v for module in VARIANT_MODULES for v in _declared_variants(module)]
+    if not exhaustive:
+        return default
+    seen = {_identity(v) for v in default}
+    extra = []
+    for module in VARIANT_MODULES:
+        for variant in _declared_variants(module, exhaustive=True):
+            if _identity(variant) not in seen:
+                seen.add(_identity(variant))
+                extra.append(variant)
+    return default + extra
 
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -145,63 +145,98 @@ def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) ->
     return min(by_registers, by_threads, max_blocks, by_shared)
 
 
-def _compile_in_process(archs=ARCHS, only: str | None = None) -> list[dict]:
-    """Compile every variant here (TRITON_INTERPRET must be unset before the ops were imported)."""
+def _read_checkpoint(path: str | None) -> dict:
+    """Records already compiled by an earlier, interrupted run: (name, arch) -> record."""
+    if not path or not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path) as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:   # a line cut short when the run was stopped
+                continue
+            done[(record["name"], record["arch"])] = record
+    return done
+
+
+def _compile_in_process(archs=ARCHS, only: str | None = None, exhaustive: bool = False,
+                        checkpoint: str | None = None) -> list[dict]:
+    """Compile every variant here (TRITON_INTERPRET must be unset before the ops were imported).
+
+    With `checkpoint`, each record is appended to that JSON-lines file as soon as it is made and the
+    records already there are reused, so a stopped run resumes; progress goes to stderr."""
     import importlib
+    import time
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    done = _read_checkpoint(checkpoint)
+    work = [(variant, arch) for variant in kernel_variants(exhaustive) if not only or only in variant.name
+            for arch in archs]
     records = []
-    for variant in kernel_variants():
-        if only and only not in variant.name:
+    for index, (variant, arch) in enumerate(work, 1):
+        if (variant.name, f"sm_{arch}") in done:
+            records.append(done[(variant.name, f"sm_{arch}")])
             continue
+        started = time.perf_counter()
         module = importlib.import_module(f"tritonsplat.ops.{variant.module}")
         kernel = getattr(module, variant.kernel)
-        for arch in archs:
-            record = {"name": variant.name, "kernel": variant.name, "arch": f"sm_{arch}",
-                      "num_warps": variant.num_warps, "config": variant.describe()}
-            try:
-                source = ASTSource(fn=kernel, signature=variant.signature, constexprs=variant.constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": variant.num_warps})
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-                    handle.write(compiled.asm["cubin"])
-                    handle.flush()
-                    dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", handle.name],
-                                          capture_output=True, text=True, check=True).stdout
-                    sass = subprocess.run([_cuobjdump(), "-sass", handle.name],
-                                          capture_output=True, text=True, check=True).stdout
-                match = _RESOURCE_LINE.search(dump)
-                if match is None:
-                    raise RuntimeError(f"could not parse cuobjdump output: {dump!r}")
-                registers, stack, shared, local = (int(v) for v in match.groups())
-                shared_total = shared + int(getattr(compiled.metadata, "shared", 0) or 0)
-                figures = analyse_sass(sass)
-                record.update(registers=registers, spill_bytes=stack + local, spilled_bytes=stack + local,
-                              stack_bytes=stack, local_bytes=local, shared_memory_bytes=shared_total,
-                              ctas_per_sm=ctas_per_sm(arch, registers, variant.num_warps, shared_total),
-                              barriers=figures["barriers"], fences=figures["fences"],
-                              sass_instructions=figures["instructions"], error=None)
-                if variant.batch is not None:
-                    loop = figures["loop_instructions"]
-                    threads = 32 * variant.num_warps
-                    record.update(
-                        loop_instructions=loop, gaussians_per_iteration=variant.batch,
-                        pixels_per_thread=variant.pixels_per_thread, inner_loops=figures["inner_loops"],
-                        loop_barriers=figures["loop_barriers"],
-                        instructions_per_pair=None if loop is None else round(
-                            loop * threads / (variant.batch * variant.tile_pixels), 2))
-            except Exception as error:  # report, do not hide: a failed compile is a failed check
-                record.update(registers=None, spill_bytes=None, spilled_bytes=None, stack_bytes=None,
-                              local_bytes=None, shared_memory_bytes=None, ctas_per_sm=None, barriers=None,
-                              fences=None, error=f"{type(error).__name__}: {error}")
-            records.append(record)
+        record = {"name": variant.name, "kernel": variant.name, "arch": f"sm_{arch}",
+                  "num_warps": variant.num_warps, "config": variant.describe()}
+        try:
+            source = ASTSource(fn=kernel, signature=variant.signature, constexprs=variant.constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": variant.num_warps})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+                handle.write(compiled.asm["cubin"])
+                handle.flush()
+                dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", handle.name],
+                                      capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([_cuobjdump(), "-sass", handle.name],
+                                      capture_output=True, text=True, check=True).stdout
+            match = _RESOURCE_LINE.search(dump)
+            if match is None:
+                raise RuntimeError(f"could not parse cuobjdump output: {dump!r}")
+            registers, stack, shared, local = (int(v) for v in match.groups())
+            shared_total = shared + int(getattr(compiled.metadata, "shared", 0) or 0)
+            figures = analyse_sass(sass)
+            record.update(registers=registers, spill_bytes=stack + local, spilled_bytes=stack + local,
+                          stack_bytes=stack, local_bytes=local, shared_memory_bytes=shared_total,
+                          ctas_per_sm=ctas_per_sm(arch, registers, variant.num_warps, shared_total),
+                          barriers=figures["barriers"], fences=figures["fences"],
+                          sass_instructions=figures["instructions"], error=None)
+            if variant.batch is not None:
+                loop = figures["loop_instructions"]
+                threads = 32 * variant.num_warps
+                record.update(
+                    loop_instructions=loop, gaussians_per_iteration=variant.batch,
+                    pixels_per_thread=variant.pixels_per_thread, inner_loops=figures["inner_loops"],
+                    loop_barriers=figures["loop_barriers"],
+                    instructions_per_pair=None if loop is None else round(
+                        loop * threads / (variant.batch * variant.tile_pixels), 2))
+        except Exception as error:  # report, do not hide: a failed compile is a failed check
+            record.update(registers=None, spill_bytes=None, spilled_bytes=None, stack_bytes=None,
+                          local_bytes=None, shared_memory_bytes=None, ctas_per_sm=None, barriers=None,
+                          fences=None, error=f"{type(error).__name__}: {error}")
+            if variant.batch is not None:
+                record.update(loop_instructions=None, gaussians_per_iteration=variant.batch,
+                              pixels_per_thread=variant.pixels_per_thread, instructions_per_pair=None)
+        record["compile_seconds"] = round(time.perf_counter() - started, 1)
+        records.append(record)
+        if checkpoint:
+            with open(checkpoint, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if checkpoint or exhaustive:
+            print(f"[{index}/{len(work)}] {variant.name} {record['arch']} {record['compile_seconds']} s "
+                  f"{' '.join(failures(record)) or 'ok'}", file=sys.stderr, flush=True)
     return records
 
 
-def compile_report(archs=ARCHS, timeout: float = 3600.0, only: str | None = None) -> list[dict]:
+def compile_report(archs=ARCHS, timeout: float = 3600.0, only: str | None = None, exhaustive: bool = False,
+                   checkpoint: str | None = None) -> list[dict]:
     """Compile every kernel (or those whose name contains `only`) for `archs` in a subprocess without
     TRITON_INTERPRET; one dict per (variant, arch) with name (also as kernel), arch, registers,
     spill_bytes (also as spilled_bytes), ctas_per_sm, barriers, fences, shared_memory_bytes, num_warps,
@@ -211,9 +246,14 @@ def compile_report(archs=ARCHS, timeout: float = 3600.0, only: str | None = None
     command = [sys.executable, "-m", "tritonsplat.aot", "--json", "--archs", ",".join(str(a) for a in archs)]
     if only:
         command += ["--only", only]
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+    if exhaustive:
+        command += ["--all"]
+    if checkpoint:
+        command += ["--checkpoint", str(checkpoint)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if checkpoint else subprocess.PIPE,
+                            text=True, env=environment, timeout=timeout)
     if result.returncode not in (0, 1):
-        raise RuntimeError(f"AOT compile subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"AOT compile subprocess failed ({result.returncode}):\n{(result.stderr or '')[-4000:]}")
     return json.loads(result.stdout)
 
 
@@ -254,12 +294,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON records")
     parser.add_argument("--archs", default=",".join(str(a) for a in ARCHS))
     parser.add_argument("--only", default=None, help="compile only variants whose name contains this text")
+    parser.add_argument("--all", action="store_true",
+                        help="every structurally distinct variant the launchers accept (each tile size, D, SH degree)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="JSON-lines file: append each record as it is made, reuse those already there (resume)")
     args = parser.parse_args(argv)
     archs = tuple(int(a) for a in args.archs.split(","))
     if os.environ.get("TRITON_INTERPRET") == "1":
-        records = compile_report(archs, only=args.only)
+        records = compile_report(archs, timeout=24 * 3600.0, only=args.only, exhaustive=args.all,
+                                 checkpoint=args.checkpoint)
     else:
-        records = _compile_in_process(archs, only=args.only)
+        records = _compile_in_process(archs, only=args.only, exhaustive=args.all, checkpoint=args.checkpoint)
     print(json.dumps(records, indent=1) if args.json else format_table(records))
     failed = any(failures(r) for r in records)
     return 1 if failed else 0

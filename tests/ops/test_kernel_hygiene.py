@@ -1,7 +1,8 @@
 """What the interpreter cannot catch: out-of-bounds accesses and unmasked loads.
 
-The interpreter does not fault on an out-of-bounds pointer, so every buffer the launchers allocate is
-placed inside a larger one filled with a sentinel (NaN for floats, -1 for ints) and the view itself is
+The interpreter does not fault on an out-of-bounds pointer, so every buffer the launchers allocate
+(all through the one seam `tritonsplat.ops._alloc`, which the test replaces) is placed inside a larger
+one filled with a sentinel (NaN for floats, -1 for ints) and the view itself is
 poisoned the same way when it is `empty`: after a full forward + backward, the padding must be
 intact (no stray writes), and no output may still hold poison (no unwritten outputs). Inputs are
 slices of NaN-padded buffers, so an unmasked read past an end would turn outputs into NaN.
@@ -18,7 +19,7 @@ import torch
 
 import tritonsplat
 from tests.helpers import make_scene
-from tritonsplat.ops import binning, compositing, projection, sorting
+from tritonsplat.ops import _alloc
 
 pytestmark = pytest.mark.interpreter
 
@@ -30,16 +31,17 @@ def _sentinel(dtype):
     return math.nan if dtype.is_floating_point else -1
 
 
-class PoisonedTorch:
-    """Stands in for the `torch` module inside the ops modules; pads and poisons every allocation."""
+class PoisonedAllocator:
+    """Stands in for `tritonsplat.ops._alloc`; pads and poisons every allocation."""
 
     def __init__(self):
         self.records = []
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
+    def install(self, monkeypatch):
+        for name in ("empty", "empty_like", "zeros", "full"):
+            monkeypatch.setattr(_alloc, name, getattr(self, name))
 
-    def _allocate(self, fill, size, dtype=None, device=None, **kwargs):
+    def _allocate(self, fill, size, dtype=None, device=None):
         shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         dtype = dtype or torch.get_default_dtype()
         numel = math.prod(shape)
@@ -53,8 +55,14 @@ class PoisonedTorch:
     def empty(self, *size, **kwargs):
         return self._allocate(None, size, **kwargs)
 
+    def empty_like(self, tensor):
+        return self._allocate(None, (tensor.shape,), dtype=tensor.dtype, device=tensor.device)
+
     def zeros(self, *size, **kwargs):
         return self._allocate(0, size, **kwargs)
+
+    def full(self, size, fill_value, **kwargs):
+        return self._allocate(fill_value, (size,), **kwargs)
 
     def check(self):
         assert self.records, "nothing was allocated through the poisoned module"
@@ -77,9 +85,8 @@ def _padded(tensor):
 
 @pytest.mark.parametrize("extras", [dict(), dict(absgrad=True, densify_channels=2, deterministic=True)])
 def test_no_out_of_bounds_access_and_no_unwritten_output(monkeypatch, extras):
-    poisoned = PoisonedTorch()
-    for module in (projection, binning, sorting, compositing):
-        monkeypatch.setattr(module, "torch", poisoned)
+    poisoned = PoisonedAllocator()
+    poisoned.install(monkeypatch)
     scene = make_scene(n=37, width=21, height=19, n_cameras=2, n_channels=3, backgrounds=True, seed=3,
                        dtype=torch.float32)
     leaves = [_padded(t).requires_grad_() for t in (scene.means, scene.quats, scene.scales, scene.opacities,

@@ -47,6 +47,7 @@ from .. import types
 from ..reference.binning import BINNING_EXTENT_MARGIN, check_key_capacity
 from ..settings import RenderSettings
 from ..types import TileBins
+from . import _alloc
 from ._launch import cdiv, contiguous_inputs, launch_settings
 
 LEVEL_MARGIN = tl.constexpr(BINNING_EXTENT_MARGIN * BINNING_EXTENT_MARGIN)
@@ -325,10 +326,10 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
     capacity_mode = max_intersections is not None
     rank_bits = rank_key_bits(n_cameras, n, settings)
     key_dtype = torch.int32 if rank_bits else torch.int64
-    counts = torch.empty(n_cameras, n, dtype=torch.int32, device=device)
+    counts = _alloc.empty(n_cameras, n, dtype=torch.int32, device=device)
     flags = None
     if n == 0:
-        total_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        total_tensor = _alloc.zeros((), dtype=torch.int64, device=device)
         inclusive = None
     else:
         _launch(means2d, conics, opacities, radii, depths, radii, radii, counts, radii, radii, settings, emit=False)
@@ -336,7 +337,7 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
         total_tensor = inclusive[-1]
     if capacity_mode:
         total = max_intersections
-        keys = torch.full((total,), PAD_KEY[key_dtype], dtype=key_dtype, device=device)
+        keys = _alloc.full((total,), PAD_KEY[key_dtype], dtype=key_dtype, device=device)
         n_intersections, overflow = total_tensor, total_tensor > max_intersections
     else:
         if checks is not None and checks.numel():
@@ -345,9 +346,9 @@ def bin_tiles_with_checks(means2d, conics, opacities, radii, depths, settings: R
         else:
             total = int(total_tensor)                                          # the one host read
         check_intersection_count(total)
-        keys = torch.empty(total, dtype=key_dtype, device=device)
+        keys = _alloc.empty(total, dtype=key_dtype, device=device)
         n_intersections, overflow = total, None
-    ids = torch.empty(keys.numel(), dtype=torch.int32, device=device)
+    ids = _alloc.empty(keys.numel(), dtype=torch.int32, device=device)
     order = depth_order(depths) if rank_bits else None
     if n and keys.numel():
         _launch(means2d, conics, opacities, radii, depths, order if order is not None else radii, inclusive, counts,
@@ -361,25 +362,35 @@ def check_intersection_count(total: int) -> None:
                          f"render fewer cameras or Gaussians per call, or at a lower resolution")
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The binning kernel's configurations (collected by `tritonsplat.aot`): count and emit for both
-    tile rules, and the int32 rank-key emit."""
+    tile rules, and the int32 rank-key emit, at 16-pixel tiles; `exhaustive` adds every tile size the
+    pipeline accepts (4, 8, 32) and the rank-key emit with the rectangle rule."""
     from ._launch import kernel_signature
 
     launch = launch_settings("binning")
     types = {"radii_ptr": "*i32", "depth_order_ptr": "*i64", "inclusive_ptr": "*i64", "counts_ptr": "*i32",
              "keys_ptr": "*i64", "ids_ptr": "*i32"}
     variants = []
+
+    def variant(name, tile_size, rule, emit, rank_keys):
+        variants.append(dict(
+            name=name, kernel="_bin_tiles_kernel",
+            signature=kernel_signature(_bin_tiles_kernel, dict(types, keys_ptr="*i32") if rank_keys else types),
+            constexprs=dict(BLOCK=launch.block, TILE_SIZE=tile_size, TILE_RULE=rule, EMIT=emit, RANK_KEYS=rank_keys),
+            num_warps=launch.num_warps))
+
     for rule in (0, 1):
         for emit in (False, True):
-            variants.append(dict(
-                name=f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", kernel="_bin_tiles_kernel",
-                signature=kernel_signature(_bin_tiles_kernel, types),
-                constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=rule, EMIT=emit, RANK_KEYS=False),
-                num_warps=launch.num_warps))
-    variants.append(dict(
-        name="bin_tiles[emit,rule=0,rank_keys]", kernel="_bin_tiles_kernel",
-        signature=kernel_signature(_bin_tiles_kernel, dict(types, keys_ptr="*i32")),
-        constexprs=dict(BLOCK=launch.block, TILE_SIZE=16, TILE_RULE=0, EMIT=True, RANK_KEYS=True),
-        num_warps=launch.num_warps))
+            variant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule}]", 16, rule, emit, False)
+    variant("bin_tiles[emit,rule=0,rank_keys]", 16, 0, True, True)
+    if exhaustive:
+        for tile_size in (4, 8, 16, 32):
+            for rule in (0, 1):
+                if tile_size != 16:
+                    for emit in (False, True):
+                        variant(f"bin_tiles[{'emit' if emit else 'count'},rule={rule},tile={tile_size}]",
+                                tile_size, rule, emit, False)
+                if (tile_size, rule) != (16, 0):
+                    variant(f"bin_tiles[emit,rule={rule},rank_keys,tile={tile_size}]", tile_size, rule, True, True)
     return variants

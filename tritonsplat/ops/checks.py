@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..types import PendingChecks, RasterizeInputs
 from ..validation import VALUE_CHECK_MESSAGES, checked_colors
+from . import _alloc
 from ._launch import cdiv
 
 BLOCK = 1024
@@ -85,7 +86,7 @@ def pending_value_checks(inputs: RasterizeInputs) -> PendingChecks:
     tensors = [t.contiguous() for t in (inputs.means, inputs.quats, inputs.scales, inputs.opacities)]
     viewmats, Ks = inputs.viewmats.contiguous(), inputs.Ks.contiguous()
     backgrounds = inputs.backgrounds.contiguous() if inputs.backgrounds is not None else None
-    flags = torch.zeros(N_FLAGS, dtype=torch.int32, device=inputs.means.device)
+    flags = _alloc.zeros(N_FLAGS, dtype=torch.int32, device=inputs.means.device)
     n = inputs.n_gaussians
     largest = max(n * 4, colors.numel(), inputs.n_cameras * 16, backgrounds.numel() if backgrounds is not None else 0)
     _value_checks_kernel[(cdiv(largest, BLOCK),)](
@@ -95,7 +96,7 @@ def pending_value_checks(inputs: RasterizeInputs) -> PendingChecks:
     return PendingChecks(flags, VALUE_CHECK_MESSAGES)
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The value-check kernel's configurations (collected by `tritonsplat.aot`)."""
     from ._launch import kernel_signature
 

@@ -62,6 +62,7 @@ from .. import constants
 from ..profiling import backward_stage
 from ..settings import RenderSettings
 from ..types import ALL_OUTPUTS, CompositeOutput, CompositeState
+from . import _alloc
 
 MIN_ALPHA = tl.constexpr(constants.MIN_ALPHA)
 TRANSMITTANCE_STOP = tl.constexpr(constants.TRANSMITTANCE_STOP)
@@ -318,9 +319,11 @@ def _pixel_sum(values, DETERMINISTIC: tl.constexpr):
     """Sum of [PIXELS_PER_THREAD, WARPS, LANES] values over the tile's pixels: inside each thread, then
     across each warp (shuffles only) -> [WARPS, 1] partials; DETERMINISTIC: over the warps too, a scalar."""
     lane_sums = tl.sum(values, axis=0)
-    if DETERMINISTIC:
-        return tl.sum(tl.sum(lane_sums, axis=1), axis=0)
-    return tl.sum(lane_sums, axis=1, keep_dims=True)
+    if DETERMINISTIC:   # one return: compiled Triton rejects two returns of different shapes
+        total = tl.sum(tl.sum(lane_sums, axis=1), axis=0)
+    else:
+        total = tl.sum(lane_sums, axis=1, keep_dims=True)
+    return total
 
 
 @triton.jit
@@ -594,7 +597,7 @@ class _Prepared:
         self.sentinel_row = n_cameras * n
         device = means2d.device
         # One cat builds the record; the sentinel row (all zeros: opacity 0 is never blended) follows.
-        record = torch.empty(n_cameras * n + 1, self.record_width, device=device, dtype=torch.float32)
+        record = _alloc.empty(n_cameras * n + 1, self.record_width, device=device, dtype=torch.float32)
         torch.cat([means2d, conics, opacities.expand(n_cameras, n)[..., None], depths[..., None],
                    colors.expand(n_cameras, n, self.n_channels)], dim=-1,
                   out=record[:-1].view(n_cameras, n, self.record_width))
@@ -650,13 +653,13 @@ def composite_forward(prepared: _Prepared, backgrounds, settings: RenderSettings
     c, h, w, d = prepared.n_cameras, settings.height, settings.width, prepared.n_channels
     plane = dict(device=device, dtype=torch.float32)
     want_alphas = "alphas" in outputs or "depths" in outputs    # the depth normalisation needs A
-    out_colors = torch.empty(c, h, w, d, **plane) if "colors" in outputs else None
-    weight_sums = torch.empty(c, h, w, **plane) if want_alphas else None
-    depths = torch.empty(c, h, w, **plane) if "depths" in outputs else None
-    medians = torch.empty(c, h, w, **plane) if "median_depths" in outputs else None
-    final = torch.empty(c, h, w, **plane)
-    last = torch.empty(c, h, w, device=device, dtype=torch.int32)
-    counts = torch.empty(c, h, w, device=device, dtype=torch.int32) if count_pairs else None
+    out_colors = _alloc.empty(c, h, w, d, **plane) if "colors" in outputs else None
+    weight_sums = _alloc.empty(c, h, w, **plane) if want_alphas else None
+    depths = _alloc.empty(c, h, w, **plane) if "depths" in outputs else None
+    medians = _alloc.empty(c, h, w, **plane) if "median_depths" in outputs else None
+    final = _alloc.empty(c, h, w, **plane)
+    last = _alloc.empty(c, h, w, device=device, dtype=torch.int32)
+    counts = _alloc.empty(c, h, w, device=device, dtype=torch.int32) if count_pairs else None
     layout = pixel_layout(settings.tile_size, backward=False)
     chunks = _channel_chunks(d) if out_colors is not None else [(0, 0)]
     dummy = final
@@ -688,17 +691,17 @@ def composite_backward(prepared: _Prepared, backgrounds, state: CompositeState, 
     c, n, d = prepared.n_cameras, prepared.n_gaussians, prepared.n_channels
     device = prepared.record.device
     zeros = dict(device=device, dtype=torch.float32)
-    grad_means2d = torch.zeros(c, n, 2, **zeros)
-    grad_conics = torch.zeros(c, n, 3, **zeros)
-    grad_opacities = torch.zeros(n, **zeros)
-    grad_colors_in = torch.zeros((n, d) if prepared.shared_colors else (c, n, d), **zeros)
-    grad_depths_in = torch.zeros(c, n, **zeros)
-    grad_abs = torch.zeros(c, n, 2, **zeros) if absgrad else None
-    grad_densify = torch.zeros(c, n, 2, **zeros) if densify_channels else None
-    counts = torch.empty_like(state.last_index) if count_pairs else None
+    grad_means2d = _alloc.zeros(c, n, 2, **zeros)
+    grad_conics = _alloc.zeros(c, n, 3, **zeros)
+    grad_opacities = _alloc.zeros(n, **zeros)
+    grad_colors_in = _alloc.zeros((n, d) if prepared.shared_colors else (c, n, d), **zeros)
+    grad_depths_in = _alloc.zeros(c, n, **zeros)
+    grad_abs = _alloc.zeros(c, n, 2, **zeros) if absgrad else None
+    grad_densify = _alloc.zeros(c, n, 2, **zeros) if densify_channels else None
+    counts = _alloc.empty_like(state.last_index) if count_pairs else None
     row_width = ROW_COLORS.value + d
     n_entries = prepared.ids_padded.numel() - 2 * prepared.batch
-    rows = torch.zeros(n_entries if deterministic else 0, row_width, **zeros)
+    rows = _alloc.zeros(n_entries if deterministic else 0, row_width, **zeros)
     layout = pixel_layout(settings.tile_size, backward=True)
     color_k = d if color_grad_channels is None else min(color_grad_channels, d)
     has_colors = grad_colors is not None
@@ -766,7 +769,7 @@ def _reduce_rows(rows, gaussian_rows, n, n_channels, per_camera_colors, grad_mea
 
 @dataclass(frozen=True)
 class CompositeOptions:
-    """Non-tensor options of one `composite` call (one autograd argument, so backward returns (*grads, None))."""
+    """Non-tensor options of one `composite` call (held by its `CompositeCall`)."""
 
     settings: RenderSettings
     outputs: tuple[str, ...] = ALL_OUTPUTS
@@ -776,12 +779,27 @@ class CompositeOptions:
     deterministic: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class CompositeCall:
+    """Everything of one `composite` call that receives no gradient: the int32 tile lists, the tensors
+    backward adds into (densify_grad [C, N, 2], the means2d whose .absgrad it sets) and the options.
+    One autograd argument, so backward returns (*grads, None)."""
+
+    tile_ranges: torch.Tensor
+    sorted_ids: torch.Tensor
+    densify_grad: torch.Tensor | None
+    means2d_for_absgrad: torch.Tensor | None
+    options: CompositeOptions
+
+
 class CompositeFunction(torch.autograd.Function):
     """Autograd node of compositing; backward is `_composite_backward_kernel`."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, depths, backgrounds, tile_ranges, sorted_ids,
-                densify_grad, means2d_for_absgrad, options: CompositeOptions):
+    def forward(ctx, means2d, conics, opacities, colors, depths, backgrounds, call: CompositeCall):
+        options = call.options
+        tile_ranges, sorted_ids, densify_grad, means2d_for_absgrad = (
+            call.tile_ranges, call.sorted_ids, call.densify_grad, call.means2d_for_absgrad)
         settings = options.settings
         prepared = _Prepared(means2d, conics, opacities, colors, depths, tile_ranges, sorted_ids, settings)
         ctx.set_materialize_grads(False)
@@ -817,8 +835,7 @@ class CompositeFunction(torch.autograd.Function):
                 ctx.means2d_for_absgrad.absgrad = grad_abs if previous is None else previous + grad_abs
             if grad_densify is not None and ctx.densify_grad is not None:
                 ctx.densify_grad.add_(grad_densify.to(ctx.densify_grad.dtype))
-            return (grad_means2d, grad_conics, grad_opacities, grad_colors_in, grad_depths_in, grad_backgrounds,
-                    None, None, None, None, None)
+            return grad_means2d, grad_conics, grad_opacities, grad_colors_in, grad_depths_in, grad_backgrounds, None
 
 
 def composite(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
@@ -849,8 +866,9 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, opacities: torch.Tens
     options = CompositeOptions(settings, outputs, absgrad, densify_channels, color_grad_channels, deterministic)
     tensors = [means2d, conics, opacities, colors, depths, backgrounds]
     tensors = [None if t is None else t.float().contiguous() for t in tensors]
-    result = CompositeFunction.apply(*tensors, tile_ranges.contiguous(), sorted_ids.contiguous(), densify_grad,
-                                     means2d_for_absgrad, options)
+    call = CompositeCall(tile_ranges.contiguous(), sorted_ids.contiguous(), densify_grad, means2d_for_absgrad,
+                         options)
+    result = CompositeFunction.apply(*tensors, call)
     return CompositeOutput(*result)
 
 
@@ -877,8 +895,11 @@ def _aot_signature(kernel) -> dict:
     return signature
 
 
-def compiled_variants() -> list[dict]:
-    """Every compositing kernel configuration the launchers can produce, with its loop metadata.
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
+    """The compositing kernel configurations the launchers produce, with their loop metadata: every
+    channel count D = 1..8 and the D > 8 chunk launches at 16-pixel tiles, the output / gradient
+    options, and D = 3 at the other tile sizes; `exhaustive` adds, at every other tile size the pipeline
+    accepts (4, 8, 32), the fewest and most channels per launch (D = 1, 8) and the D > 8 launches.
 
     Each entry: name, kernel (function name), signature, constexprs, num_warps, and for the per-pair
     figures batch (Gaussians per main-loop iteration), pixels_per_thread and tile_pixels."""
@@ -925,4 +946,17 @@ def compiled_variants() -> list[dict]:
     for tile_size in (4, 8, 32):
         forward(f"composite_forward[D=3,tile={tile_size}]", tile_size, 3)
         backward(f"composite_backward[D=3,tile={tile_size}]", tile_size, 3, 3)
+    if exhaustive:
+        # The tile size sets the pixel layout (pixels per thread, warps, lanes); the channel count only adds
+        # unrolled per-channel accumulators to the same loop, so per tile size the fewest (D = 1) and most
+        # (D = 8, and the D > 8 launches) channels bound every D in between, as D = 1..8 at 16 px shows.
+        for tile_size in (32, 8, 4):   # 32 first: the most pixels per thread in the forward
+            for d in (1, CHANNEL_CHUNK):
+                forward(f"composite_forward[D={d},tile={tile_size}]", tile_size, d)
+                backward(f"composite_backward[D={d},tile={tile_size}]", tile_size, d, d)
+            forward(f"composite_forward[D>8,chunk,tile={tile_size}]", tile_size, CHANNEL_CHUNK, alphas=False,
+                    depths=False, median=False, state=False)
+            backward(f"composite_backward[D=33,geometry,tile={tile_size}]", tile_size, CHANNEL_CHUNK, 33, densify=3)
+            backward(f"composite_backward[D>8,chunk,tile={tile_size}]", tile_size, CHANNEL_CHUNK, 0,
+                     geometry=False, alpha=False, depth=False)
     return variants

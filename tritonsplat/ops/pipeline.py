@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
+from ..reference.projection import compositor_colors_and_means2d
 from ..settings import RenderSettings
 from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
 from ..validation import raise_failed_checks, resolve_pending_checks
-from . import binning, compositing, projection, sorting
+from . import _alloc, binning, compositing, projection, sorting
 
 
 def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: RenderOptions, *,
@@ -54,16 +55,8 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
         projected = projection.project_gaussians(
             means, quats, scales, opacities, viewmats, Ks, f32(clamp_limits), settings,
             covars=f32(covars), sh_coeffs=sh_coeffs, sh_degree=inputs.sh_degree)
-    if inputs.sh_degree is not None:
-        colors = projected.colors
-    else:
-        colors = f32(inputs.colors)
-        if colors.stride(0) == 0:       # the same [N, D] colours for every camera
-            colors = colors[0]
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
+    colors, means2d, composite_means2d = compositor_colors_and_means2d(
+        projected, f32(inputs.colors), inputs.sh_degree, means2d_hook)
 
     with stage("binning"):
         pending = inputs.pending_checks
@@ -78,7 +71,7 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
 
     densify_grad = None
     if options.densify_channels is not None:
-        densify_grad = torch.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
+        densify_grad = _alloc.zeros(n_cameras, n_gaussians, 2, device=means.device, dtype=torch.float32)
     with stage("compositing"):
         rendered = compositing.composite(
             composite_means2d, projected.conics, opacities, colors, projected.depths, f32(inputs.backgrounds),

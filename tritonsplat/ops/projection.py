@@ -16,6 +16,8 @@ the 2D covariance entries are the bilinear forms a = w0.Sigma.w0, b = w0.Sigma.w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ import triton.language as tl
 from .. import constants
 from ..profiling import backward_stage
 from ..settings import RenderSettings
+from . import _alloc
 from ._launch import cdiv, contiguous_inputs, launch_settings
 
 SH_C0 = tl.constexpr(constants.SH_C0)
@@ -715,11 +718,11 @@ def project_gaussians_forward(means: torch.Tensor,          # [N, 3] float32
     colors [C,N,3] or None."""
     n, c = means.shape[0], viewmats.shape[0]
     device = means.device
-    means2d = torch.empty(c, n, 2, device=device, dtype=torch.float32)
-    conics = torch.empty(c, n, 3, device=device, dtype=torch.float32)
-    depths = torch.empty(c, n, device=device, dtype=torch.float32)
-    radii = torch.empty(c, n, device=device, dtype=torch.int32)
-    colors = torch.empty(c, n, 3, device=device, dtype=torch.float32) if sh_degree is not None else None
+    means2d = _alloc.empty(c, n, 2, device=device, dtype=torch.float32)
+    conics = _alloc.empty(c, n, 3, device=device, dtype=torch.float32)
+    depths = _alloc.empty(c, n, device=device, dtype=torch.float32)
+    radii = _alloc.empty(c, n, device=device, dtype=torch.int32)
+    colors = _alloc.empty(c, n, 3, device=device, dtype=torch.float32) if sh_degree is not None else None
     if n == 0:
         return means2d, conics, depths, radii, colors
     launch = launch_settings("projection")
@@ -752,12 +755,12 @@ def project_gaussians_backward(means, quats, scales, covars, sh_coeffs, viewmats
     launch = launch_settings("projection")
     n_blocks = cdiv(n, launch.block)
     covariance_input = covars is not None
-    grad_means = torch.empty(c, n, 3, device=device, dtype=torch.float32)
-    grad_shape = torch.empty(c, n, 6 if covariance_input else 4, device=device, dtype=torch.float32)
-    grad_scales = torch.empty(c, n, 3, device=device, dtype=torch.float32)
-    grad_sh = (torch.zeros(c, *sh_coeffs.shape, device=device, dtype=torch.float32)
+    grad_means = _alloc.empty(c, n, 3, device=device, dtype=torch.float32)
+    grad_shape = _alloc.empty(c, n, 6 if covariance_input else 4, device=device, dtype=torch.float32)
+    grad_scales = _alloc.empty(c, n, 3, device=device, dtype=torch.float32)
+    grad_sh = (_alloc.zeros(c, *sh_coeffs.shape, device=device, dtype=torch.float32)
                if sh_degree is not None else None)
-    grad_view = torch.empty(c, max(n_blocks, 1), 12, device=device, dtype=torch.float32) if viewmat_grad else None
+    grad_view = _alloc.empty(c, max(n_blocks, 1), 12, device=device, dtype=torch.float32) if viewmat_grad else None
     if n > 0:
         clamp, margin_x, margin_y, standard_clamp = _clamp_arguments(clamp_limits, settings, Ks)
         _projection_backward_kernel[(n_blocks, c)](
@@ -775,7 +778,7 @@ def project_gaussians_backward(means, quats, scales, covars, sh_coeffs, viewmats
         grad_view.zero_()
     grad_viewmats = None
     if grad_view is not None:
-        grad_viewmats = torch.zeros(c, 4, 4, device=device, dtype=torch.float32)
+        grad_viewmats = _alloc.zeros(c, 4, 4, device=device, dtype=torch.float32)
         grad_viewmats[:, :3, :] = grad_view.sum(1).reshape(c, 3, 4)
 
     def over_cameras(grad):     # one camera: a view, no reduction launch
@@ -785,16 +788,30 @@ def project_gaussians_backward(means, quats, scales, covars, sh_coeffs, viewmats
             over_cameras(grad_sh) if grad_sh is not None else None, grad_viewmats)
 
 
+@dataclass(frozen=True, eq=False)
+class ProjectionOptions:
+    """Everything of one projection call that receives no gradient: the settings and SH degree, and the
+    tensors the kernels only read (opacities [N] for the radius rule, Ks [C, 3, 3], clamp limits [C, 4] or
+    None). One autograd argument, so backward returns (*grads, None)."""
+
+    opacities: torch.Tensor
+    Ks: torch.Tensor
+    clamp_limits: torch.Tensor | None
+    settings: RenderSettings
+    sh_degree: int | None
+
+
 class ProjectionFunction(torch.autograd.Function):
     """Autograd node of the projection; backward is `_projection_backward_kernel`."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, covars, opacities, sh_coeffs, viewmats, Ks, clamp_limits,
-                settings, sh_degree):
+    def forward(ctx, means, quats, scales, covars, sh_coeffs, viewmats, options: ProjectionOptions):
         means2d, conics, depths, radii, colors = project_gaussians_forward(
-            means, quats, scales, covars, opacities, sh_coeffs, viewmats, Ks, clamp_limits, settings, sh_degree)
-        ctx.save_for_backward(means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii)
-        ctx.settings, ctx.sh_degree = settings, sh_degree
+            means, quats, scales, covars, options.opacities, sh_coeffs, viewmats, options.Ks, options.clamp_limits,
+            options.settings, options.sh_degree)
+        ctx.save_for_backward(means, quats, scales, covars, sh_coeffs, viewmats, options.Ks, options.clamp_limits,
+                              radii)
+        ctx.settings, ctx.sh_degree = options.settings, options.sh_degree
         ctx.mark_non_differentiable(radii)
         if colors is None:
             return means2d, conics, depths, radii
@@ -806,7 +823,7 @@ class ProjectionFunction(torch.autograd.Function):
             means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii = ctx.saved_tensors
 
             def zeros_if_none(grad, *shape):   # allocates only when the gradient is absent
-                return torch.zeros(*radii.shape, *shape, device=radii.device) if grad is None else grad
+                return _alloc.zeros(*radii.shape, *shape, device=radii.device) if grad is None else grad
 
             grad_means2d = zeros_if_none(grad_means2d, 2)
             grad_conics = zeros_if_none(grad_conics, 3)
@@ -816,12 +833,11 @@ class ProjectionFunction(torch.autograd.Function):
             grads = project_gaussians_backward(
                 means, quats, scales, covars, sh_coeffs, viewmats, Ks, clamp_limits, radii, grad_means2d,
                 grad_conics, grad_depths, grad_colors, ctx.settings, ctx.sh_degree,
-                viewmat_grad=bool(ctx.needs_input_grad[6]))
+                viewmat_grad=bool(ctx.needs_input_grad[5]))
             grad_means, grad_shape, grad_scales, grad_sh, grad_viewmats = grads
             covariance_input = covars is not None
             return (grad_means, None if covariance_input else grad_shape, grad_scales,
-                    grad_shape if covariance_input else None, None, grad_sh, grad_viewmats,
-                    None, None, None, None)
+                    grad_shape if covariance_input else None, grad_sh, grad_viewmats, None)
 
 
 def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: torch.Tensor | None,
@@ -844,9 +860,9 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
     if covars is not None:
         quats = means.new_zeros(n, 4)
         scales = means.new_zeros(n, 3)
-    outputs = ProjectionFunction.apply(means, quats, scales, covars, opacities.detach(), sh_coeffs, viewmats,
-                                       Ks.detach(), None if clamp_limits is None else clamp_limits.detach(), settings,
-                                       sh_degree)
+    options = ProjectionOptions(opacities.detach(), Ks.detach(),
+                                None if clamp_limits is None else clamp_limits.detach(), settings, sh_degree)
+    outputs = ProjectionFunction.apply(means, quats, scales, covars, sh_coeffs, viewmats, options)
     colors = outputs[4] if sh_degree is not None else None
     return ProjectedGaussians(outputs[0], outputs[1], outputs[2], outputs[3], colors)
 
@@ -855,28 +871,47 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
 # Compiled variants (collected by `tritonsplat.aot`): what the launchers above can launch.
 # --------------------------------------------------------------------------------------------------
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The projection kernels' configurations: SH degree -1 / 3 with the standard in-kernel clamp, and
-    the compat path (covariance input, the original's radius rule, given clamp limits)."""
+    the compat path (covariance input, the original's radius rule, given clamp limits).
+
+    `exhaustive` adds every other configuration the launchers can produce that changes the compiled
+    code's structure: SH degrees 0-2, each tile size the pipeline accepts (4, 8, 16, 32) in the forward,
+    the other radius rule and given clamp limits, and the backward without the view-matrix gradient."""
     from ._launch import kernel_signature
 
     launch = launch_settings("projection")
     types = {"radii_ptr": "*i32", "near": "fp32", "far": "fp32", "eps2d": "fp32", "margin_x": "fp32",
              "margin_y": "fp32"}
-    forward = kernel_signature(_projection_forward_kernel, types)
-    backward = kernel_signature(_projection_backward_kernel, types)
+    forward_signature = kernel_signature(_projection_forward_kernel, types)
+    backward_signature = kernel_signature(_projection_backward_kernel, types)
     variants = []
+
+    def forward(name, covariance, sh_degree, radius_rule, standard_clamp, tile_size=16):
+        variants.append(dict(
+            name=f"projection_forward[{name}]", kernel="_projection_forward_kernel", signature=forward_signature,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            RADIUS_RULE=radius_rule, TILE_SIZE=tile_size, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+
+    def backward(name, covariance, sh_degree, viewmat_grad, standard_clamp):
+        variants.append(dict(
+            name=f"projection_backward[{name}]", kernel="_projection_backward_kernel", signature=backward_signature,
+            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
+                            VIEWMAT_GRAD=viewmat_grad, STANDARD_CLAMP=standard_clamp),
+            num_warps=launch.num_warps))
+
     for name, covariance, sh_degree, radius_rule, standard_clamp in (
             ("sh=-1", False, -1, RADIUS_OPACITY_AWARE, True), ("sh=3", False, 3, RADIUS_OPACITY_AWARE, True),
             ("compat", True, -1, RADIUS_INRIA, False)):
-        variants.append(dict(
-            name=f"projection_forward[{name}]", kernel="_projection_forward_kernel", signature=forward,
-            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
-                            RADIUS_RULE=radius_rule, TILE_SIZE=16, STANDARD_CLAMP=standard_clamp),
-            num_warps=launch.num_warps))
-        variants.append(dict(
-            name=f"projection_backward[{name}]", kernel="_projection_backward_kernel", signature=backward,
-            constexprs=dict(BLOCK=launch.block, COVARIANCE_INPUT=covariance, SH_DEGREE=sh_degree,
-                            VIEWMAT_GRAD=not covariance, STANDARD_CLAMP=standard_clamp),
-            num_warps=launch.num_warps))
+        forward(name, covariance, sh_degree, radius_rule, standard_clamp)
+        backward(name, covariance, sh_degree, not covariance, standard_clamp)
+    if exhaustive:
+        for sh_degree in range(-1, constants.MAX_SH_DEGREE + 1):
+            for tile_size in (4, 8, 16, 32):
+                forward(f"sh={sh_degree},tile={tile_size}", False, sh_degree, RADIUS_OPACITY_AWARE, True, tile_size)
+            forward(f"sh={sh_degree},inria,given_clamp", False, sh_degree, RADIUS_INRIA, False)
+            for viewmat_grad in (True, False):
+                backward(f"sh={sh_degree},viewmat_grad={viewmat_grad}", False, sh_degree, viewmat_grad, True)
+            backward(f"sh={sh_degree},given_clamp", False, sh_degree, True, False)
     return variants

@@ -23,11 +23,14 @@ of `NeighbourCSR` (no atomics: the result does not depend on scheduling, so resu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.rigidity import NORMALIZE_EPS, SQRT_EPS, NeighbourCSR, check_rigidity_inputs
+from . import _alloc
 
 BLOCK = 64  # foreground rows per program, one per lane (2 warps)
 NUM_WARPS = 2
@@ -158,7 +161,7 @@ def _rigidity_backward_entries_kernel(
     gmx, gmy, gmz = fzero, fzero, fzero  # d/d mu_i
     grw, grx, gry, grz = fzero, fzero, fzero, fzero  # d/d r_i from the rot term
     g00, g01, g02, g10, g11, g12, g20, g21, g22 = fzero, fzero, fzero, fzero, fzero, fzero, fzero, fzero, fzero
-    for k in tl.static_range(K):
+    for k in range(K):  # a runtime loop: unrolled K = 20 spilled 304 B at 255 registers (sm_90)
         e = i * K + k
         j = tl.load(nb_ptr + e, mask=ok, other=0)
         gj = tl.load(fg_ptr + j, mask=ok, other=0)
@@ -290,19 +293,33 @@ def _constants(n_fg: int, k: int) -> dict:
     return {"K": k, "BLOCK": BLOCK, "SQRT_EPS": SQRT_EPS, "NORM_EPS": NORMALIZE_EPS}
 
 
+@dataclass(frozen=True, eq=False)
+class RigidityData:
+    """What of one call receives no gradient (the previous frame's state and the neighbour graph).
+    One autograd argument, so backward returns (grad_means, grad_quats, None)."""
+
+    prev_quats: torch.Tensor          # [F, 4] float32
+    fg_index: torch.Tensor            # [F] int64
+    neighbour_indices: torch.Tensor   # [F, K] int64
+    neighbour_weights: torch.Tensor   # [F, K] float32
+    initial_distances: torch.Tensor   # [F, K] float32
+    prev_offsets: torch.Tensor        # [F, K, 3] float32
+    order: torch.Tensor               # [F K] int32 (NeighbourCSR)
+    offsets: torch.Tensor             # [F + 1] int32
+
+
 class RigidityFunction(torch.autograd.Function):
     """Autograd wrapper: gradients for means and quats (the other inputs are data)."""
 
     @staticmethod
-    def forward(ctx, means, quats, prev_quats, fg_index, neighbour_indices, neighbour_weights, initial_distances,
-                prev_offsets, order, offsets):
-        n_fg, k = neighbour_indices.shape
+    def forward(ctx, means, quats, data: RigidityData):
+        n_fg, k = data.neighbour_indices.shape
         grid = (triton.cdiv(n_fg, BLOCK),)
-        partials = torch.empty((grid[0], 3), dtype=torch.float32, device=means.device)
-        data = (means.detach(), quats.detach(), prev_quats, fg_index, neighbour_indices, neighbour_weights,
-                initial_distances, prev_offsets)
-        _rigidity_forward_kernel[grid](*data, partials, n_fg, **_constants(n_fg, k), num_warps=NUM_WARPS)
-        ctx.save_for_backward(*data, order, offsets)
+        partials = _alloc.empty((grid[0], 3), dtype=torch.float32, device=means.device)
+        inputs = (means.detach(), quats.detach(), data.prev_quats, data.fg_index, data.neighbour_indices,
+                  data.neighbour_weights, data.initial_distances, data.prev_offsets)
+        _rigidity_forward_kernel[grid](*inputs, partials, n_fg, **_constants(n_fg, k), num_warps=NUM_WARPS)
+        ctx.save_for_backward(*inputs, data.order, data.offsets)
         return partials.sum(0) * (1.0 / (n_fg * k))
 
     @staticmethod
@@ -311,16 +328,37 @@ class RigidityFunction(torch.autograd.Function):
         n_fg, k = nb.shape
         grid = (triton.cdiv(n_fg, BLOCK),)
         upstream = (grad * (1.0 / (n_fg * k))).to(torch.float32).contiguous()
-        entries = torch.empty((n_fg * k, 7), dtype=torch.float32, device=means.device)
-        own = torch.empty((n_fg, 7), dtype=torch.float32, device=means.device)
+        entries = _alloc.empty((n_fg * k, 7), dtype=torch.float32, device=means.device)
+        own = _alloc.empty((n_fg, 7), dtype=torch.float32, device=means.device)
         _rigidity_backward_entries_kernel[grid](means, quats, prev_quats, fg_index, nb, weights, dist0, prev_offsets,
                                                 upstream, entries, own, n_fg, **_constants(n_fg, k),
                                                 num_warps=NUM_WARPS)
-        grad_means = torch.zeros_like(means)
-        grad_quats = torch.zeros_like(quats)
+        grad_means = _alloc.zeros(means.shape, dtype=means.dtype, device=means.device)
+        grad_quats = _alloc.zeros(quats.shape, dtype=quats.dtype, device=quats.device)
         _rigidity_backward_rows_kernel[grid](entries, own, order, offsets, fg_index, grad_means, grad_quats, n_fg,
                                              BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return grad_means, grad_quats, None, None, None, None, None, None, None, None
+        return grad_means, grad_quats, None
+
+
+# Neighbours per foreground Gaussian compiled ahead of time: the original's 20 (Luiten et al. 2024).
+AOT_NEIGHBOURS = (20,)
+
+
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
+    """The rigidity kernels' configurations (collected by `tritonsplat.aot`), one per neighbour count."""
+    from ._launch import kernel_signature
+
+    index_types = {"fg_ptr": "*i64", "nb_ptr": "*i64", "order_ptr": "*i32", "offsets_ptr": "*i32"}
+    variants = []
+    for k in AOT_NEIGHBOURS:
+        for kernel in (_rigidity_forward_kernel, _rigidity_backward_entries_kernel):
+            variants.append(dict(name=f"{kernel.fn.__name__.strip('_').removesuffix('_kernel')}[K={k}]",
+                                 kernel=kernel.fn.__name__, signature=kernel_signature(kernel, index_types),
+                                 constexprs=_constants(1, k), num_warps=NUM_WARPS))
+    variants.append(dict(name="rigidity_backward_rows", kernel="_rigidity_backward_rows_kernel",
+                         signature=kernel_signature(_rigidity_backward_rows_kernel, index_types),
+                         constexprs=dict(BLOCK=BLOCK), num_warps=NUM_WARPS))
+    return variants
 
 
 def rigidity_losses(means: torch.Tensor, quats: torch.Tensor, prev_quats: torch.Tensor, fg_index: torch.Tensor,
@@ -339,6 +377,7 @@ def rigidity_losses(means: torch.Tensor, quats: torch.Tensor, prev_quats: torch.
         raise ValueError(f"means, quats: expected float32, got {means.dtype} and {quats.dtype}")
     if csr is None:
         csr = NeighbourCSR.build(neighbour_indices)
-    return RigidityFunction.apply(means, quats, prev_quats.contiguous(), fg_index.contiguous(),
-                                  neighbour_indices.contiguous(), neighbour_weights.contiguous(),
-                                  initial_distances.contiguous(), prev_offsets.contiguous(), csr.order, csr.offsets)
+    return RigidityFunction.apply(means, quats, RigidityData(
+        prev_quats.contiguous(), fg_index.contiguous(), neighbour_indices.contiguous(),
+        neighbour_weights.contiguous(), initial_distances.contiguous(), prev_offsets.contiguous(), csr.order,
+        csr.offsets))

@@ -23,6 +23,7 @@ import triton.language as tl
 from ..reference.binning import DEPTH_BITS
 from ..settings import RenderSettings
 from ..types import SortedTiles, TileBins
+from . import _alloc
 from ._launch import cdiv, launch_settings
 from .binning import rank_key_bits
 
@@ -65,8 +66,8 @@ def _tile_ranges_kernel(
 
 
 def _launch_tile_ranges(sorted_keys, source, ids, count, n_bins, n_tiles, n_gaussians, shift, rank_bits):
-    ranges = torch.zeros(n_bins, 2, dtype=torch.int32, device=sorted_keys.device)
-    sorted_ids = torch.empty(sorted_keys.numel(), dtype=torch.int32, device=sorted_keys.device)
+    ranges = _alloc.zeros(n_bins, 2, dtype=torch.int32, device=sorted_keys.device)
+    sorted_ids = _alloc.empty(sorted_keys.numel(), dtype=torch.int32, device=sorted_keys.device)
     total = sorted_keys.numel()
     if total:
         launch = launch_settings("tile_ranges")
@@ -124,12 +125,12 @@ def tile_ranges(sorted_keys: torch.Tensor,  # [M] int64 or int32
     `shift`: bits below the bin in the key (32 for int64 depth-bit keys, the rank bits otherwise).
     """
     identity = torch.arange(sorted_keys.numel(), device=sorted_keys.device, dtype=torch.int64)
-    ids = torch.zeros(sorted_keys.numel(), device=sorted_keys.device, dtype=torch.int32)
+    ids = _alloc.zeros(sorted_keys.numel(), device=sorted_keys.device, dtype=torch.int32)
     ranges, _ = _launch_tile_ranges(sorted_keys.contiguous(), identity, ids, None, n_bins, 1, 0, shift, 0)
     return ranges
 
 
-def compiled_variants() -> list[dict]:
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
     """The tile-ranges kernel's configurations (collected by `tritonsplat.aot`): int64 / int32 rank
     keys, with the count as an argument or on the device (capacity mode)."""
     from ._launch import kernel_signature

@@ -26,16 +26,31 @@ that depend on a (b is a fixed target and gets no gradient):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.ssim import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, gaussian_window_1d
+from . import _alloc
 
 BLOCK_H = 16  # pixel tile rows per program
 BLOCK_W = 16  # pixel tile columns per program (256 pixels: 2 per thread at 4 warps)
 NUM_WARPS = 4
+
+
+@triton.jit
+def _window_tap(window_ptr, ys, xs, base, H, W, dy, dx, WINDOW: tl.constexpr):
+    """Tap (dy, dx) of the window centred on each pixel (ys [BLOCK_H, 1], xs [1, BLOCK_W]) of the plane
+    at element `base`: its weight w_y w_x [1, 1], the tapped elements' offsets [BLOCK_H, BLOCK_W] and
+    whether they lie inside the image (zero padding outside)."""
+    wy = tl.load(window_ptr + dy + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1), other=0.0)
+    wx = tl.load(window_ptr + dx + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1), other=0.0)
+    qy = ys + (dy - WINDOW // 2)
+    qx = xs + (dx - WINDOW // 2)
+    inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+    return wy[:, None] * wx[None, :], base + qy * W + qx, inside
 
 
 @triton.jit
@@ -61,20 +76,11 @@ def _l1_dssim_forward_kernel(
     e_aa = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     e_bb = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     e_ab = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-    half = WINDOW // 2
     for dy in tl.static_range(WINDOW):
-        wy = tl.load(window_ptr + dy + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1), other=0.0)
-        qy = ys + (dy - half)
-        row_ok = (qy >= 0) & (qy < H)
         for dx in tl.static_range(WINDOW):
-            wx = tl.load(window_ptr + dx + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1),
-                         other=0.0)
-            qx = xs + (dx - half)
-            ok = row_ok & (qx >= 0) & (qx < W)  # zero padding outside the image
-            offset = base + qy * W + qx
+            w, offset, ok = _window_tap(window_ptr, ys, xs, base, H, W, dy, dx, WINDOW)
             va = tl.load(a_ptr + offset, mask=ok, other=0.0)
             vb = tl.load(b_ptr + offset, mask=ok, other=0.0)
-            w = wy[:, None] * wx[None, :]  # [1, 1]
             mu_a += w * va
             mu_b += w * vb
             e_aa += w * (va * va)
@@ -134,18 +140,9 @@ def _l1_dssim_backward_kernel(
     blur_mu = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     blur_aa = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     blur_ab = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-    half = WINDOW // 2
-    for dy in tl.static_range(WINDOW):
-        wy = tl.load(window_ptr + dy + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1), other=0.0)
-        qy = ys + (dy - half)
-        row_ok = (qy >= 0) & (qy < H)
+    for dy in range(WINDOW):   # a runtime loop over rows: unrolling all 121 taps spilled 728 B (sm_90, 255 regs)
         for dx in tl.static_range(WINDOW):
-            wx = tl.load(window_ptr + dx + tl.zeros((1,), dtype=tl.int32), mask=tl.full((1,), True, tl.int1),
-                         other=0.0)
-            qx = xs + (dx - half)
-            ok = row_ok & (qx >= 0) & (qx < W)
-            offset = base + qy * W + qx
-            w = wy[:, None] * wx[None, :]
+            w, offset, ok = _window_tap(window_ptr, ys, xs, base, H, W, dy, dx, WINDOW)
             blur_mu += w * tl.load(partials_ptr + offset, mask=ok, other=0.0)
             blur_aa += w * tl.load(partials_ptr + plane_stride + offset, mask=ok, other=0.0)
             blur_ab += w * tl.load(partials_ptr + 2 * plane_stride + offset, mask=ok, other=0.0)
@@ -186,8 +183,8 @@ def l1_dssim_forward(render: torch.Tensor, target: torch.Tensor, ssim_weight: fl
     P, H, W = a.shape
     grid = _grid(P, H, W)
     window = gaussian_window_1d(SSIM_WINDOW, SSIM_SIGMA, torch.float32, str(a.device))
-    partials = torch.empty((3, P, H, W), dtype=torch.float32, device=a.device) if save_partials else None
-    sums = torch.empty((grid[0] * grid[1] * grid[2], 2), dtype=torch.float32, device=a.device)
+    partials = _alloc.empty((3, P, H, W), dtype=torch.float32, device=a.device) if save_partials else None
+    sums = _alloc.empty((grid[0] * grid[1] * grid[2], 2), dtype=torch.float32, device=a.device)
     _l1_dssim_forward_kernel[grid](
         a, b, window, partials if save_partials else sums, sums, H, W, P,
         C1=SSIM_C1, C2=SSIM_C2, WINDOW=SSIM_WINDOW, SAVE_PARTIALS=save_partials, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
@@ -206,7 +203,7 @@ def l1_dssim_backward(grad_loss: torch.Tensor, render: torch.Tensor, target: tor
     a, b = _planes(render, target, "l1_dssim_loss")
     P, H, W = a.shape
     window = gaussian_window_1d(SSIM_WINDOW, SSIM_SIGMA, torch.float32, str(a.device))
-    grad_a = torch.empty_like(a)
+    grad_a = _alloc.empty_like(a)
     _l1_dssim_backward_kernel[_grid(P, H, W)](
         a, b, window, partials, grad_loss.reshape(1).to(torch.float32).contiguous(), grad_a, H, W, P,
         1.0 / float(P * H * W), float(ssim_weight), WINDOW=SSIM_WINDOW, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
@@ -214,22 +211,31 @@ def l1_dssim_backward(grad_loss: torch.Tensor, render: torch.Tensor, target: tor
     return grad_a.view(render.shape)
 
 
+@dataclass(frozen=True, eq=False)
+class L1DSSIMOptions:
+    """What of one loss call receives no gradient: the target [B, C, H, W] float32 (data) and the D-SSIM
+    weight. One autograd argument, so backward returns (grad, None)."""
+
+    target: torch.Tensor
+    ssim_weight: float
+
+
 class L1DSSIMFunction(torch.autograd.Function):
     """Autograd wrapper: gradient w.r.t. the render only (the target is data)."""
 
     @staticmethod
-    def forward(ctx, render, target, ssim_weight: float):  # render, target [B, C, H, W] float32
+    def forward(ctx, render, options: L1DSSIMOptions):  # render [B, C, H, W] float32
         # Contiguous once (a permuted render is copied here only), shared with backward.
-        a, b = (plane.view(render.shape) for plane in _planes(render, target, "l1_dssim_loss"))
-        loss, _, partials = l1_dssim_forward(a, b, ssim_weight, save_partials=render.requires_grad)
+        a, b = (plane.view(render.shape) for plane in _planes(render, options.target, "l1_dssim_loss"))
+        loss, _, partials = l1_dssim_forward(a, b, options.ssim_weight, save_partials=render.requires_grad)
         ctx.save_for_backward(a, b, partials)
-        ctx.ssim_weight = ssim_weight
+        ctx.ssim_weight = options.ssim_weight
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # grad_loss [] float32
         render, target, partials = ctx.saved_tensors
-        return l1_dssim_backward(grad_loss, render, target, partials, ctx.ssim_weight), None, None
+        return l1_dssim_backward(grad_loss, render, target, partials, ctx.ssim_weight), None
 
 
 def l1_dssim_loss(render: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:
@@ -240,7 +246,7 @@ def l1_dssim_loss(render: torch.Tensor, target: torch.Tensor, ssim_weight: float
     """
     if target.requires_grad:
         raise ValueError("l1_dssim_loss: target must not require grad (only the render gets a gradient)")
-    return L1DSSIMFunction.apply(render, target, float(ssim_weight))
+    return L1DSSIMFunction.apply(render, L1DSSIMOptions(target, float(ssim_weight)))
 
 
 def ssim(render: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -249,3 +255,20 @@ def ssim(render: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Twin: `tritonsplat.reference.ssim.ssim`.
     """
     return 1.0 - l1_dssim_loss(render, target, 1.0)
+
+
+def compiled_variants(exhaustive: bool = False) -> list[dict]:
+    """The loss kernels' configurations (collected by `tritonsplat.aot`): the forward with and without
+    the saved partials (loss with / without gradient), and the backward."""
+    from ._launch import kernel_signature
+
+    types = {"inv_n": "fp32", "ssim_weight": "fp32"}
+    tile = dict(WINDOW=SSIM_WINDOW, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+    variants = [dict(name=f"l1_dssim_forward[save_partials={save}]", kernel="_l1_dssim_forward_kernel",
+                     signature=kernel_signature(_l1_dssim_forward_kernel, types),
+                     constexprs=dict(C1=SSIM_C1, C2=SSIM_C2, SAVE_PARTIALS=save, **tile), num_warps=NUM_WARPS)
+                for save in (True, False)]
+    variants.append(dict(name="l1_dssim_backward", kernel="_l1_dssim_backward_kernel",
+                         signature=kernel_signature(_l1_dssim_backward_kernel, types), constexprs=tile,
+                         num_warps=NUM_WARPS))
+    return variants

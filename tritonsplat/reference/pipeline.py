@@ -43,13 +43,8 @@ def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
             inputs.means, inputs.quats, inputs.scales, inputs.opacities, inputs.viewmats, inputs.Ks,
             clamp_limits, settings, covars=covars,
             sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
-    colors = projected.colors if inputs.sh_degree is not None else inputs.colors
-    if colors.dim() == 3 and colors.stride(0) == 0:     # the same [N, D] colours for every camera
-        colors = colors[0]
-    means2d = projected.means2d
-    if means2d.requires_grad:
-        means2d.retain_grad()
-    composite_means2d = means2d_hook(means2d) if means2d_hook is not None else means2d
+    colors, means2d, composite_means2d = projection.compositor_colors_and_means2d(
+        projected, inputs.colors, inputs.sh_degree, means2d_hook)
     with stage("binning"):
         bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), inputs.opacities.detach(),
                                  projected.radii, projected.depths.detach(), settings,

@@ -210,3 +210,25 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
     if sh_coeffs is not None:
         colors = evaluate_sh_colors(sh_coeffs, means, camera_centers(viewmats), sh_degree)
     return ProjectedGaussians(means2d, conics, pz, radii, colors)
+
+
+def compositor_colors_and_means2d(projected: ProjectedGaussians, colors: torch.Tensor, sh_degree: int | None,
+                                  means2d_hook=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What both pipelines hand the compositor after projection (`ops` and `reference` alike).
+
+    Returns (colors, means2d, composite_means2d):
+        colors: the SH evaluation [C, N, 3] when `sh_degree` is set, else the given colours, with a
+            camera-broadcast [C, N, D] (stride 0 over cameras) reduced to its one [N, D];
+        means2d: the projected screen-space means [C, N, 2], with .grad retained when they require
+            grad (densification reads means2d.grad after backward);
+        composite_means2d: means2d_hook(means2d) when a hook is given (tritonsplat.compat re-routes the
+            means between projection and compositing), else means2d.
+    """
+    if sh_degree is not None:
+        colors = projected.colors
+    elif colors.dim() == 3 and colors.stride(0) == 0:
+        colors = colors[0]
+    means2d = projected.means2d
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    return colors, means2d, means2d_hook(means2d) if means2d_hook is not None else means2d
