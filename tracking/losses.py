@@ -77,6 +77,15 @@ def weighted_abs(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return torch.sqrt((x - y) ** 2 * w + SQRT_EPS).mean()
 
 
+@dataclass(frozen=True, eq=False)
+class _GatherTable:
+    """The gather's index and its CSR table (no gradient; one autograd argument)."""
+
+    index: torch.Tensor    # [M] int64 rows of values
+    order: torch.Tensor    # [M] int64 positions sorted by row
+    counts: torch.Tensor   # [N] int64 in-degree of each row
+
+
 class _GatherRows(torch.autograd.Function):
     """values[index] with a deterministic backward: a CSR segmented sum in a fixed order.
 
@@ -89,15 +98,15 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, index, order, counts):  # values [N, D], index [M], order [M], counts [N] int64
-        ctx.save_for_backward(order, counts)
-        return values[index]
+    def forward(ctx, values, table: _GatherTable):  # values [N, D]
+        ctx.save_for_backward(table.order, table.counts)
+        return values[table.index]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out [M, D]
         order, counts = ctx.saved_tensors
         grad = torch.segment_reduce(grad_out[order], "sum", lengths=counts, axis=0)
-        return grad, None, None, None
+        return grad, None
 
 
 _csr_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -124,7 +133,7 @@ def neighbour_gather(values: torch.Tensor, neighbour_indices: torch.Tensor) -> t
     if not values.requires_grad:
         return values[neighbour_indices]
     flat = neighbour_indices.reshape(-1)
-    out = _GatherRows.apply(values, flat, *_csr_table(neighbour_indices, values.shape[0]))
+    out = _GatherRows.apply(values, _GatherTable(flat, *_csr_table(neighbour_indices, values.shape[0])))
     return out.reshape(n, k, values.shape[1])
 
 
