@@ -96,6 +96,7 @@ def test_marginal_host_work_of_a_triton_step(tiny_scene, tmp_path, monkeypatch):
                                           frames=slice(0, 2), **QUIET)
     reads = (works[40].n_reads - works[20].n_reads) / 20
     launches = (works[40].n_launches - works[20].n_launches) / 20
+    print(f"marginal t > 0 step: {launches} launches, {reads} host reads")  # bench/results step_launches.json
     assert reads <= MAX_READS_PER_STEP, f"{reads} reads per step; 40 steps: {works[40].summary()}"
     assert launches <= MAX_LAUNCHES_PER_STEP, f"{launches} launches per step; 40 steps: {works[40].summary()}"
     fused = [name for name in works[40].triton_launches if name.startswith("_rigidity")]
