@@ -366,11 +366,12 @@ class TrackingConfig:
 
 
 # The demo preset: the default synthetic scene (160x120, 12 train cameras, 10 frames) on 2 CPU
-# cores within the README's 5-minute budget (data generation, fit, evaluation and renders).
-# Measured (2 CPU cores, torch backend, quiet machine): 215 s end to end (fit 203 s), held-out PSNR
-# 30.97 dB, survival_3d 100 %, 16,757 Gaussians; mte_3d 10.7 cm = 4.93 % of the extent under the 0.5
-# influence rule (0.06 % of ground-truth points reach it), 1.9 cm = 0.87 % following the highest-influence
-# Gaussian.
+# cores, tuned for the README's 5-minute budget (data generation, fit, evaluation and renders).
+# Measured when tuned (2 CPU cores, torch backend, quiet machine): 215 s end to end (fit 203 s),
+# held-out PSNR 30.97 dB, 16,757 Gaussians; with the tile compositor (2026-12-02, same machine, idle):
+# 492 s end to end (fit 463 s), 31.05 dB, 16,787 Gaussians, survival_3d 100 %; mte_3d 4.94 % of the
+# extent under the 0.5 influence rule (0.06 % of ground-truth points reach it), 0.87 % following the
+# highest-influence Gaussian.
 _DEMO = TrackingConfig(
     preset="demo",
     steps_first=600,
