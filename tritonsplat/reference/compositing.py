@@ -82,17 +82,15 @@ def _tile_grid(tile_size: int, device, dtype) -> _TileGrid:
 
 
 class _Entries(NamedTuple):
-    """Per-entry data of one chunk, [A, K] (colours [A, K, D])."""
+    """Per-entry data of one chunk, [A, K] (padding: the sentinel record)."""
 
-    index: torch.Tensor      # [A, K] int64 position in sorted_ids (increasing along K)
-    valid: torch.Tensor      # [A, K] bool, index < end
-    row: torch.Tensor        # [A, K] int64 c * N + g (0 where invalid)
+    index: torch.Tensor      # [A, K] int64 position in sorted_ids (increasing along K; -1 padding)
     mean_x: torch.Tensor     # [A, K] relative to the tile origin
     mean_y: torch.Tensor
     half_a: torch.Tensor     # a / 2
     conic_b: torch.Tensor
     half_c: torch.Tensor     # c / 2
-    opacity: torch.Tensor    # 0 where invalid, so the entry is never used
+    opacity: torch.Tensor    # 0 for padding, so the entry is never used
 
 
 class _Inputs(NamedTuple):
@@ -134,7 +132,7 @@ def _records(flat: _Inputs, sorted_ids, layout) -> _Records:
     bin_of_entry = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
     row = sorted_ids[layout.entry_index].to(torch.int64)
     means, conics = flat.means[row], flat.conics[row]
-    colors = flat.colors[row % flat.n_gaussians] if flat.shared_colors else flat.colors[row]
+    colors = _entry_colors(flat, row)
     columns = [means[:, 0] - layout.origin_x[bin_of_entry], means[:, 1] - layout.origin_y[bin_of_entry],
                0.5 * conics[:, 0], conics[:, 1], 0.5 * conics[:, 2], flat.opacities[row % flat.n_gaussians]]
     values = torch.cat([torch.stack(columns, dim=1), colors, flat.depths[row][:, None],
@@ -155,7 +153,7 @@ def _entries(records: _Records, positions) -> tuple[_Entries, torch.Tensor]:
     """The chunk's entries and their record values [A, K, 6 + D + 2]."""
     values = records.values[positions]
     fields = values[..., :RECORD_COLORS].unbind(-1)
-    return _Entries(records.index[positions], None, None, *fields), values
+    return _Entries(records.index[positions], *fields), values
 
 
 class _ChunkAlpha(NamedTuple):
@@ -197,7 +195,7 @@ def _forward_chunk(mean_x, mean_y, half_a, conic_b, half_c, opacity,   # [A, K] 
                    local_x, local_y,  # [P]
                    alpha_cap: float, want_median: bool) -> _ForwardChunk:
     """One chunk of K entries for A sub-tiles: alpha, the within-chunk transmittance prefix, the sums."""
-    geometry = _chunk_alpha(_Entries(entry_index, None, None, mean_x, mean_y, half_a, conic_b, half_c, opacity),
+    geometry = _chunk_alpha(_Entries(entry_index, mean_x, mean_y, half_a, conic_b, half_c, opacity),
                             _TileGrid(local_x, local_y, None), alpha_cap)
     alpha = geometry.alpha
     after = torch.cumprod(1 - alpha, dim=1).mul_(t_in[:, None, :])      # [A, K, P]
@@ -611,7 +609,7 @@ def _backward_chunk(mean_x, mean_y, half_a, conic_b, half_c, opacity,   # [A, K]
                     alpha_cap: float, k: int | None, want_abs: bool) -> _BackwardChunk:
     """The vector-Jacobian product of one chunk, back to front (formulas: `_CompositeFunction`)."""
     n_channels = values.shape[-1] - 1
-    entries = _Entries(entry_index, None, None, mean_x, mean_y, half_a, conic_b, half_c, opacity)
+    entries = _Entries(entry_index, mean_x, mean_y, half_a, conic_b, half_c, opacity)
     geometry = _chunk_alpha(entries, _TileGrid(local_x, local_y, None), alpha_cap)
     blended = entry_index[..., None] <= last[:, None, :]
     alpha = geometry.alpha.mul_(blended)                              # [A, K, P]
