@@ -80,6 +80,26 @@ def _rows(rw, rx, ry, rz, EPS: tl.constexpr):
 
 
 @triton.jit
+def _store_gradient_row(ptr, mask, mx, my, mz, qw, qx, qy, qz):
+    """One [7] gradient row (d mu [3], d q [4]) of the backward's entries / own tables."""
+    tl.store(ptr, mx, mask=mask)
+    tl.store(ptr + 1, my, mask=mask)
+    tl.store(ptr + 2, mz, mask=mask)
+    tl.store(ptr + 3, qw, mask=mask)
+    tl.store(ptr + 4, qx, mask=mask)
+    tl.store(ptr + 5, qy, mask=mask)
+    tl.store(ptr + 6, qz, mask=mask)
+
+
+@triton.jit
+def _load_gradient_row(ptr, mask):
+    return (tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + 1, mask=mask, other=0.0),
+            tl.load(ptr + 2, mask=mask, other=0.0), tl.load(ptr + 3, mask=mask, other=0.0),
+            tl.load(ptr + 4, mask=mask, other=0.0), tl.load(ptr + 5, mask=mask, other=0.0),
+            tl.load(ptr + 6, mask=mask, other=0.0))
+
+
+@triton.jit
 def _rigidity_forward_kernel(
     means_ptr,      # [N, 3] float32
     quats_ptr,      # [N, 4] float32 normalised
@@ -212,14 +232,7 @@ def _rigidity_backward_entries_kernel(
         gmy -= doy
         gmz -= doz
         tqw, tqx, tqy, tqz = _times(dsw, dsx, dsy, dsz, jpw, jpx, jpy, jpz)
-        out = entries_ptr + e * 7
-        tl.store(out, dox, mask=ok)
-        tl.store(out + 1, doy, mask=ok)
-        tl.store(out + 2, doz, mask=ok)
-        tl.store(out + 3, tqw, mask=ok)
-        tl.store(out + 4, tqx, mask=ok)
-        tl.store(out + 5, tqy, mask=ok)
-        tl.store(out + 6, tqz, mask=ok)
+        _store_gradient_row(entries_ptr + e * 7, ok, dox, doy, doz, tqw, tqx, tqy, tqz)
     # dR -> du (R(u) of the unit u), then through u = r / max(|r|, eps)
     duw = 2 * (-uz * g01 + uy * g02 + uz * g10 - ux * g12 - uy * g20 + ux * g21)
     dux = 2 * (uy * g01 + uz * g02 + uy * g10 - 2 * ux * g11 - uw * g12 + uz * g20 + uw * g21 - 2 * ux * g22)
@@ -231,14 +244,7 @@ def _rigidity_backward_entries_kernel(
     gry += (duy - uy * dot) / norm
     grz += (duz - uz * dot) / norm
     tqw, tqx, tqy, tqz = _times(grw, grx, gry, grz, pw, px, py, pz)
-    out = own_ptr + i * 7
-    tl.store(out, gmx, mask=ok)
-    tl.store(out + 1, gmy, mask=ok)
-    tl.store(out + 2, gmz, mask=ok)
-    tl.store(out + 3, tqw, mask=ok)
-    tl.store(out + 4, tqx, mask=ok)
-    tl.store(out + 5, tqy, mask=ok)
-    tl.store(out + 6, tqz, mask=ok)
+    _store_gradient_row(own_ptr + i * 7, ok, gmx, gmy, gmz, tqw, tqx, tqy, tqz)
 
 
 @triton.jit
@@ -257,27 +263,20 @@ def _rigidity_backward_rows_kernel(
     ok = n < n_fg
     start = tl.load(offsets_ptr + n, mask=ok, other=0)
     end = tl.load(offsets_ptr + n + 1, mask=ok, other=0)
-    own = own_ptr + n * 7
-    a0 = tl.load(own, mask=ok, other=0.0)
-    a1 = tl.load(own + 1, mask=ok, other=0.0)
-    a2 = tl.load(own + 2, mask=ok, other=0.0)
-    a3 = tl.load(own + 3, mask=ok, other=0.0)
-    a4 = tl.load(own + 4, mask=ok, other=0.0)
-    a5 = tl.load(own + 5, mask=ok, other=0.0)
-    a6 = tl.load(own + 6, mask=ok, other=0.0)
+    a0, a1, a2, a3, a4, a5, a6 = _load_gradient_row(own_ptr + n * 7, ok)
     longest = tl.max(end - start, 0)
     step = 0
     while step < longest:
         live = ok & (start + step < end)
         e = tl.load(order_ptr + start + step, mask=live, other=0).to(tl.int64)
-        row = entries_ptr + e * 7
-        a0 += tl.load(row, mask=live, other=0.0)
-        a1 += tl.load(row + 1, mask=live, other=0.0)
-        a2 += tl.load(row + 2, mask=live, other=0.0)
-        a3 += tl.load(row + 3, mask=live, other=0.0)
-        a4 += tl.load(row + 4, mask=live, other=0.0)
-        a5 += tl.load(row + 5, mask=live, other=0.0)
-        a6 += tl.load(row + 6, mask=live, other=0.0)
+        b0, b1, b2, b3, b4, b5, b6 = _load_gradient_row(entries_ptr + e * 7, live)
+        a0 += b0
+        a1 += b1
+        a2 += b2
+        a3 += b3
+        a4 += b4
+        a5 += b5
+        a6 += b6
         step += 1
     g = tl.load(fg_ptr + n, mask=ok, other=0)
     tl.store(grad_means_ptr + g * 3, a0, mask=ok)
