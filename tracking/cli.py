@@ -95,6 +95,9 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
 @click.option("--overwrite", is_flag=True, help="Start afresh: remove the run in OUT (needed when its config differs).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Under torchrun: seconds after which the ranks stop with an error when one died or hangs.")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Capture each t > 0 step once per frame as a CUDA graph (same results; CUDA only, "
+                   "ignored on CPU).")
 @click.option("--spawn-new", is_flag=True,
               help="Reconstruct objects that enter after the first frame (new Gaussians where the masks show "
                    "foreground that the render leaves uncovered in several cameras).")
@@ -104,14 +107,14 @@ def _run_fit(data, out: Path, cfg: TrackingConfig, *, downscale=1.0, frames=None
               help="With --spawn-new: optimisation steps of the new Gaussians (default: 200 x --steps-scale).")
 @_friendly_errors
 def fit(data, out, preset, steps_scale, cameras_per_step, lr_batch_scaling, downscale, frames, init_points, backend,
-        device, seed, overwrite, dist_timeout, spawn_new, spawn_min_cameras, spawn_steps):
+        device, seed, overwrite, dist_timeout, cuda_graphs, spawn_new, spawn_min_cameras, spawn_steps):
     """Fit DATA (any data_tools format) into OUT, resuming what OUT already holds."""
     if downscale <= 0:
         raise click.BadParameter("must be positive", param_hint="--downscale")
     from dataclasses import replace
 
     cfg = replace(_build_config(preset, steps_scale, seed, backend, device), cameras_per_step=cameras_per_step,
-                  lr_batch_scaling=lr_batch_scaling)
+                  lr_batch_scaling=lr_batch_scaling, cuda_graphs=cuda_graphs)
     if spawn_new:
         steps = spawn_steps if spawn_steps is not None else max(1, round(cfg.spawn_steps * steps_scale))
         cfg = replace(cfg, spawn_new=True, spawn_min_cameras=spawn_min_cameras, spawn_steps=steps)

@@ -206,8 +206,12 @@ class TrackingConfig:
     """steps between reads of the device-side scalar buffer (curves, NaN check, progress): a read
     stalls the host until the device drains. Not part of the result's identity."""
     cuda_graphs: bool = False
-    """capture a t > 0 step once per frame as a CUDA graph (CUDA only; ignored on CPU). Not part of
-    the result's identity."""
+    """capture a t > 0 step once per frame as a CUDA graph and replay it (`tracking.capture`): the
+    rasterizer's capacity mode (capacity 1.25 x the frame's largest intersection count; a block of
+    log_every steps that overflowed is redone with a larger capacity), cameras picked on the device,
+    capturable fused Adam. Same results as eager steps. CUDA only (ignored on CPU); stages that densify,
+    torch.distributed runs and cameras of different image sizes run eagerly (warned). Not part of the
+    result's identity."""
     spawn_new: bool = False
     """reconstruct objects that enter after t = 0 (`tracking.spawn`): at each t > 0, after the frame's
     optimisation, foreground-mask pixels that the rendered segmentation leaves uncovered in at least

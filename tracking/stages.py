@@ -63,23 +63,32 @@ def _rasterize_keywords() -> frozenset[str]:
     return frozenset(inspect.signature(tritonsplat.rasterize).parameters)
 
 
-def render(act: dict[str, torch.Tensor], views: Views, index: list[int], config: TrackingConfig, *,
-           densify: bool) -> tritonsplat.RasterizeOutput:
+def render(act: dict[str, torch.Tensor], views: Views, index: list[int] | torch.Tensor, config: TrackingConfig, *,
+           densify: bool, max_intersections: int | None = None) -> tritonsplat.RasterizeOutput:
     """Every tracking render: the views `index` (C = len(index)) in one rasterize call.
+
+    `index` is a list of camera indices, or a [B] int64 device tensor (picked on the device, no host
+    read; the cameras then share one image size, `Views.same_size`). `max_intersections`: the
+    rasterizer's capacity mode (no host read at all; `tracking.capture`).
 
     Only colours are needed, and the segmentation colours (channels 3..5) are fixed labels: when the
     rasterizer offers `outputs=` and `color_grad_channels=`, depth and alpha are not computed and the
     segmentation channels cost no colour-gradient work.
     """
-    if len(index) == 1:
+    if isinstance(index, torch.Tensor):
+        viewmats, Ks = views.viewmats.index_select(0, index), views.Ks.index_select(0, index)
+        backgrounds = views.background[None].expand(index.shape[0], -1)
+        W, H = views.sizes[0]
+    elif len(index) == 1:
         c = index[0]
         viewmats, Ks, backgrounds = views.viewmats[c:c + 1], views.Ks[c:c + 1], views.background[None]
+        W, H = views.sizes[c]
     else:
         rows = torch.tensor(index, device=views.viewmats.device)
         viewmats, Ks = views.viewmats.index_select(0, rows), views.Ks.index_select(0, rows)
         backgrounds = views.background[None].expand(len(index), -1)
-    W, H = views.sizes[index[0]]
-    extra = {}
+        W, H = views.sizes[index[0]]
+    extra = {} if max_intersections is None else {"max_intersections": max_intersections}
     keywords = _rasterize_keywords()
     if "outputs" in keywords:
         extra["outputs"] = ("colors",)
@@ -111,8 +120,8 @@ class FrameConstants:
 class StepContext:
     """What the loss terms of one step read; each shared quantity is computed once, on first use."""
 
-    def __init__(self, stage: Stage, act: dict[str, torch.Tensor], out, index: list[int], images: torch.Tensor,
-                 segs: torch.Tensor | None):
+    def __init__(self, stage: Stage, act: dict[str, torch.Tensor], out, index: list[int] | torch.Tensor,
+                 images: torch.Tensor, segs: torch.Tensor | None):
         self.stage, self.act, self.out, self.index = stage, act, out, index
         self.images, self.segs = images, segs  # [B, 3, H, W]
         self._photometric: dict[str, torch.Tensor] | None = None
@@ -130,11 +139,12 @@ class StepContext:
             colors = self.out.colors  # [B, H, W, 6]
             cam_m, cam_c = self.stage.camera_colour()
             s, backend = self.config.weights.ssim, self.config.backend
-            if len(self.index) == 1:
+            if isinstance(self.index, list) and len(self.index) == 1:
                 c = self.index[0]
                 rgb = colour_correct(colors[0, ..., :3], cam_m[c], cam_c[c]).permute(2, 0, 1)[None]
             else:
-                rows = torch.tensor(self.index, device=colors.device)
+                rows = self.index if isinstance(self.index, torch.Tensor) else torch.tensor(self.index,
+                                                                                            device=colors.device)
                 rgb = colour_correct(colors[..., :3], cam_m.index_select(0, rows)[:, None, None],
                                      cam_c.index_select(0, rows)[:, None, None]).permute(0, 3, 1, 2)
             terms = {"im": L.image_loss(rgb, self.images, s, backend=backend)}
@@ -185,25 +195,43 @@ class StepContext:
 
 # ----------------------------------------------------------------------------- the device-side scalar log
 class ScalarLog:
-    """Per-step loss, PSNR and every term in a [log_every, 2 + terms] device buffer, read every
+    """Per-step loss, PSNR and every term in a [log_every, 2 + terms (+ extra)] device buffer, read every
     `log_every` steps (one device-to-host copy) into the per-step curves; a NaN/Inf is reported with
-    its step and first non-finite term when its buffer is read."""
+    its step and first non-finite term when its buffer is read.
 
-    def __init__(self, names: tuple[str, ...], log_every: int, device, t: int):
-        self.names = names
+    `extra` names columns after the terms that are read with the buffer but kept out of the curves (the
+    static step's overflow flag and intersection count, `tracking.capture`). A step writes its row from
+    the host (`record`: row = steps since the last read) or on the device (`write`: row a [1] int64
+    device tensor, then `advance` from the host), so a captured step needs no host value.
+    """
+
+    def __init__(self, names: tuple[str, ...], log_every: int, device, t: int, extra: tuple[str, ...] = ()):
+        self.names, self.extra = names, extra
         self.t = t
-        self.buffer = torch.zeros(log_every, 2 + len(names), device=device)
+        self.buffer = torch.zeros(log_every, 2 + len(names) + len(extra), device=device)
         self.zero = torch.zeros((), device=device)
         self.curves: dict[str, list[float]] = {"loss": [], "psnr": [], **{k: [] for k in names}}
         self.start = 0  # first step held in the buffer
         self.filled = 0
         self.poisoned: int | None = None
 
+    def _values(self, loss, psnr, terms, extra=()) -> list[torch.Tensor]:
+        return [loss.detach(), psnr.detach(), *[terms[k].detach() if k in terms else self.zero for k in self.names],
+                *[v.detach().to(self.buffer.dtype) for v in extra]]
+
     def record(self, step: int, loss: torch.Tensor, psnr: torch.Tensor, terms: dict[str, torch.Tensor],
                poison: bool) -> None:
-        row = [loss.detach(), psnr.detach(), *[terms[k].detach() if k in terms else self.zero for k in self.names]]
-        torch.stack(row, out=self.buffer[self.filled])
-        if poison:  # an injected fault: the loss of this step reads as NaN
+        torch.stack(self._values(loss, psnr, terms), out=self.buffer[self.filled])
+        self.advance(step, poison)
+
+    def write(self, row: torch.Tensor, loss: torch.Tensor, psnr: torch.Tensor, terms: dict[str, torch.Tensor],
+              extra: tuple[torch.Tensor, ...] = ()) -> None:
+        """The step's values into buffer row `row` ([1] int64 on the device): no host value involved."""
+        self.buffer.index_copy_(0, row, torch.stack(self._values(loss, psnr, terms, extra))[None])
+
+    def advance(self, step: int, poison: bool) -> None:
+        """Count the row of `step` as written (`poison`: an injected fault, its loss reads as NaN)."""
+        if poison:
             self.buffer[self.filled, 0] = float("nan")
             self.poisoned = step
         self.filled += 1
@@ -211,15 +239,21 @@ class ScalarLog:
     def due(self) -> bool:
         return self.filled == self.buffer.shape[0]
 
-    def flush(self) -> tuple[float, float] | None:
-        """Read the buffer into the curves; (last loss, last PSNR), or None when empty.
+    def read(self) -> np.ndarray | None:
+        """The rows written since the last commit ([filled, columns] float32; one host read), or None."""
+        return self.buffer[:self.filled].cpu().numpy() if self.filled else None
+
+    def discard(self) -> None:
+        """Forget the rows since the last commit (their steps will be run again)."""
+        self.filled = 0
+        self.poisoned = None
+
+    def commit(self, rows: np.ndarray) -> tuple[float, float]:
+        """Append rows (from `read`) to the curves; returns (last loss, last PSNR).
 
         Raises:
             NaNLossError: at the first step whose loss is NaN or Inf.
         """
-        if not self.filled:
-            return None
-        rows = self.buffer[:self.filled].cpu().numpy()
         bad = ~np.isfinite(rows[:, 0])
         if bad.any():
             r = int(np.argmax(bad))
@@ -231,6 +265,15 @@ class ScalarLog:
         self.start += self.filled
         self.filled = 0
         return float(rows[-1, 0]), float(rows[-1, 1])
+
+    def flush(self) -> tuple[float, float] | None:
+        """Read the buffer into the curves; (last loss, last PSNR), or None when empty.
+
+        Raises:
+            NaNLossError: at the first step whose loss is NaN or Inf.
+        """
+        rows = self.read()
+        return None if rows is None else self.commit(rows)
 
 
 class _Progress:
@@ -286,41 +329,72 @@ class Stage:
         return fused_step(self.config, self.params["means"].device)
 
 
+def step_once(stage: Stage, views: Views, targets: FrameTargets, index: list[int] | torch.Tensor,
+              terms_on: list[L.Term], weight_vectors: dict, *, step: int | None = None,
+              max_intersections: int | None = None):
+    """One optimisation step: render the views `index`, the active terms, backward, Adam, the stage's hook,
+    gradients set to None. Returns (render output, loss, PSNR, {term: value}), all on the device.
+
+    Both loops run it: the eager one with host camera indices, the static one (`tracking.capture`) with a
+    [B] int64 device index and the rasterizer's capacity mode, eagerly or captured in a CUDA graph.
+    """
+    config = stage.config
+    act = stage.render_inputs()
+    capacity = {} if max_intersections is None else {"max_intersections": max_intersections}
+    out = render(act, views, index, config, densify=stage.densify, **capacity)
+    images, segs = targets.batch(index)
+    ctx = StepContext(stage, act, out, index, images, segs)
+    ctx.photometric()
+    terms = {}
+    for term in terms_on:
+        value = term.compute(ctx)
+        if value is not None:
+            terms[term.name] = value
+    loss = L.stacked_total_loss(terms, config, weight_vectors) if stage.fused else L.total_loss(terms, config)
+    loss.backward()
+    # Each rank's loss is the mean over its views; the mean of the ranks' gradients is the
+    # gradient of the mean over all of the step's views, so every rank takes the same step.
+    average_gradients(_optimised(stage.optimizer), stage.world)
+    stage.optimizer.step()
+    if stage.after_step is not None:
+        stage.after_step(step, out, index)
+    # None, not zeros: a captured backward then writes each gradient afresh into the graph's memory on
+    # every replay (accumulating into a kept tensor would need a zeroing launch per parameter).
+    stage.optimizer.zero_grad(set_to_none=True)
+    return out, loss, L.psnr(ctx.rgb.clamp(0, 1), images), terms
+
+
 def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list[int]], *, n_frames: int,
              progress: bool, echo: Callable[[str], None]) -> dict[str, list[float]]:
-    """Run the stage's steps; returns its per-step curves ("loss", "psnr" and every term of the stage)."""
+    """Run the stage's steps; returns its per-step curves ("loss", "psnr" and every term of the stage).
+
+    With `TrackingConfig.cuda_graphs` on CUDA, a t > 0 stage runs static steps captured as a CUDA graph
+    (`tracking.capture`), with the same results.
+    """
+    from . import capture
+
     config = stage.config
     terms_on = [term for term in L.TERMS if term.active(config, stage.name)]
     device = stage.params["means"].device
-    if config.cuda_graphs and device.type == "cuda" and stage.name == L.NEXT:
-        _warn_no_capture()
-    log = ScalarLog(L.term_names(stage.name), min(config.log_every, stage.steps), device, stage.t)
-    fused, weight_vectors = stage.fused, {}
+    static = config.cuda_graphs and stage.name == L.NEXT and capture.available(device)
+    if static:
+        reason = capture.unsupported(stage, views, targets)
+        if reason is not None:
+            capture.warn_eager(reason)
+            static = False
+    rows = min(config.log_every, stage.steps)
+    log = ScalarLog(L.term_names(stage.name), rows, device, stage.t, capture.EXTRA_COLUMNS if static else ())
     bar = _Progress(progress, echo, stage.t, n_frames, stage.steps)
     stage.extra_stats["_bar"] = bar
+    weight_vectors: dict = {}
+    if static:
+        capture.optimise_static(stage, views, targets, order, terms_on, weight_vectors, log, bar)
+        return log.curves
     for step in range(stage.steps):
         poison = fault_at(stage.t, step) == "nan"
         index = rank_cameras(order[step], stage.world)   # this rank's share of the step's cameras
-        act = stage.render_inputs()
-        out = render(act, views, index, config, densify=stage.densify)
-        images, segs = targets.batch(index)
-        ctx = StepContext(stage, act, out, index, images, segs)
-        ctx.photometric()
-        terms = {}
-        for term in terms_on:
-            value = term.compute(ctx)
-            if value is not None:
-                terms[term.name] = value
-        loss = L.stacked_total_loss(terms, config, weight_vectors) if fused else L.total_loss(terms, config)
-        loss.backward()
-        # Each rank's loss is the mean over its views; the mean of the ranks' gradients is the
-        # gradient of the mean over all of the step's views, so every rank takes the same step.
-        average_gradients(_optimised(stage.optimizer), stage.world)
-        stage.optimizer.step()
-        if stage.after_step is not None:
-            stage.after_step(step, out, index)
-        stage.optimizer.zero_grad(set_to_none=True)
-        log.record(step, loss, L.psnr(ctx.rgb.clamp(0, 1), images), terms, poison)
+        _, loss, psnr, terms = step_once(stage, views, targets, index, terms_on, weight_vectors, step=step)
+        log.record(step, loss, psnr, terms, poison)
         if log.due() or step == stage.steps - 1:
             check_in_sync(_optimised(stage.optimizer), stage.world, f"frame {stage.t}, step {step}")
             last = log.flush()
@@ -331,16 +405,6 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
 
 def _optimised(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-@functools.cache
-def _warn_no_capture() -> None:
-    # Capturing a step needs a rasterizer without host reads (a fixed-capacity mode), which this
-    # version's rasterize() does not offer; views are already selected on the device from stacked
-    # images and poses (FrameTargets.batch, render), the other prerequisite.
-    import warnings
-
-    warnings.warn("cuda_graphs: the rasterizer has no capacity mode here, so t > 0 steps run eagerly", stacklevel=3)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -380,6 +444,7 @@ def _finish(stage: Stage, curves, seconds: float, seq, n: int) -> tuple[dict, Fr
              "source_frame": int(seq.source_frames[t])}
     if stage.config.cameras_per_step > 1:
         stats["cameras_per_step"] = stage.config.cameras_per_step
+    stats.update({k: v for k, v in stage.extra_stats.items() if not k.startswith("_")})
     stage.extra_stats.pop("_bar").close(
         f"frame {t}/{seq.n_frames - 1}: loss {stats['final_loss']:.4f}, train PSNR {stats['final_psnr']:.2f} dB, "
         f"{n:,} Gaussians, {steps} steps in {seconds:.1f} s ({steps / seconds:.1f} steps/s)")

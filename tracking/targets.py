@@ -153,8 +153,12 @@ class FrameTargets:
     image_stack: torch.Tensor | None = None
     seg_stack: torch.Tensor | None = None
 
-    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """([B, 3, H, W] images, [B, 3, H, W] segmentation targets or None) of the cameras in `index`."""
+    def batch(self, index: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, 3, H, W] images, [B, 3, H, W] segmentation targets or None) of the cameras in `index`
+        (a list, or a [B] int64 device tensor: picked from the stacks on the device)."""
+        if isinstance(index, torch.Tensor):
+            segs = None if self.seg_stack is None else self.seg_stack.index_select(0, index)
+            return self.image_stack.index_select(0, index), segs
         if len(index) == 1:
             c = index[0]
             seg = self.segs[c]
