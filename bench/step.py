@@ -264,7 +264,7 @@ def run_step(config: BenchConfig, state: RunState, foreground_sizes: tuple[int, 
         for record in records[-(2 + len(tracking_backends)):]:
             if record.timing is not None and record.n_gaussians == n_foreground:
                 progress(f"  {record.metric:16s} {record.backend:10s} {record.timing.p50_ms:.2f} ms")
-    for case in STEP_CASES:
+    for case in step_case_specs(config.cases):
         for backend in tracking_backends:
             if reason is not None or backend_unavailable_reason(backend, config.device) is not None:
                 continue
@@ -287,6 +287,13 @@ def run_step(config: BenchConfig, state: RunState, foreground_sizes: tuple[int, 
 # ----------------------------------------------------------------------------- one tracking step, by part
 STEP_PARTS = ("render_forward", "render_backward", "image_losses", "rigidity_losses", "optimizer", "host_overhead")
 STEP_CASES = ("fitted", "basketball-early")  # basketball-early: a case another module may register
+
+
+def step_case_specs(cases: tuple[str, ...]) -> list[str]:
+    """The STEP_CASES, each as `--case` names it when it does (`basketball-early:/path/to/basketball`
+    reaches the tracking step parts too), else by its bare name (its default data)."""
+    named = {spec.partition(":")[0]: spec for spec in cases}
+    return [named.get(name, name) for name in STEP_CASES]
 
 
 class _OpCounter:

@@ -62,6 +62,9 @@ def available(device: torch.device) -> bool:
 
 def unsupported(stage, views, targets) -> str | None:
     """Why this stage's steps cannot be static, or None."""
+    device = stage.params["means"].device
+    if device.type == "cuda" and stage.config.backend == "torch":
+        return "the torch backend reads the device in every render (capacity mode without host reads is triton's)"
     if stage.densify or stage.after_step is not None:
         return "the stage densifies (its Gaussian count changes between steps)"
     if stage.world.active:

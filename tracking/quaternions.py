@@ -23,7 +23,9 @@ def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def quat_conjugate(q: torch.Tensor) -> torch.Tensor:
     """(w, -x, -y, -z): the inverse of a unit quaternion. q [..., 4]."""
-    return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
+    # Negation, not a product with a new [1, -1, -1, -1] tensor: the same bits, and no host-to-device copy
+    # (which a CUDA-graph capture forbids).
+    return torch.cat([q[..., :1], -q[..., 1:]], -1)
 
 
 def quat_normalize(q: torch.Tensor) -> torch.Tensor:

@@ -149,3 +149,10 @@ def test_fitted_case_from_a_tracking_run(monkeypatch):
     monkeypatch.setattr(tracking, "load", lambda path: (_ for _ in ()).throw(FileNotFoundError("no run.h5")))
     with pytest.raises(ValueError, match="fitted:/nowhere: could not read a tracking run.*no run.h5"):
         make_case("fitted:/nowhere", 0, 320, 180)
+
+
+def test_tracking_step_parts_take_the_case_spec_from_the_command_line():
+    from bench.step import STEP_CASES, step_case_specs
+
+    assert step_case_specs(("random",)) == list(STEP_CASES)
+    assert step_case_specs(("basketball-early:/data/bb", "random")) == ["fitted", "basketball-early:/data/bb"]

@@ -78,6 +78,8 @@ def test_capacity_and_eligibility():
 
     class Stage:
         densify, after_step = False, None
+        params = {"means": torch.zeros(1, 3)}
+        config = tiny_config()
 
         class world:
             active = False
@@ -95,3 +97,9 @@ def test_capacity_and_eligibility():
     assert "image sizes" in capture.unsupported(Stage, Views, Targets)
     Stage.densify = True
     assert "densifies" in capture.unsupported(Stage, Views, Targets)
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    Stage.params = {"means": OnCuda}
+    assert "torch backend" in capture.unsupported(Stage, Views, Targets)  # tiny_config's backend

@@ -30,14 +30,26 @@ def gaussian_window_1d(size: int, sigma: float, dtype: torch.dtype, device: str)
     return (g / g.sum()).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _depthwise_windows(planes: int, size: int, sigma: float, dtype: torch.dtype, device: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1D window as depthwise conv2d weights, ([planes, 1, 1, size], [planes, 1, size, 1])."""
+    g = gaussian_window_1d(size, sigma, dtype, device)
+    return (g.view(1, 1, 1, -1).expand(planes, 1, 1, size).contiguous(),
+            g.view(1, 1, -1, 1).expand(planes, 1, size, 1).contiguous())
+
+
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Per-pixel SSIM of images a, b [B, C, H, W] -> [B, C, H, W]."""
     B, C, H, W = a.shape
-    g = gaussian_window_1d(window, float(sigma), a.dtype, str(a.device))
     pad = window // 2
-    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1).reshape(B * 5 * C, 1, H, W)
-    blurred = F.conv2d(stack, g.view(1, 1, 1, -1), padding=(0, pad))
-    blurred = F.conv2d(blurred, g.view(1, 1, -1, 1), padding=(pad, 0))
+    # The 5C planes as channels of a depthwise (groups = 5C) convolution rather than a batch of one-channel
+    # images: the same sums up to float32 rounding (<= 1.8e-7 apart, tests/reference/test_ssim.py) and on a
+    # 2-core AMD EPYC CPU (1 thread, 15 planes of 160 x 90) 1.1 ms forward + backward instead of 44 ms.
+    horizontal, vertical = _depthwise_windows(5 * C, window, float(sigma), a.dtype, str(a.device))
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1)   # [B, 5C, H, W]
+    blurred = F.conv2d(stack, horizontal, padding=(0, pad), groups=5 * C)
+    blurred = F.conv2d(blurred, vertical, padding=(pad, 0), groups=5 * C)
     mu_a, mu_b, e_aa, e_bb, e_ab = blurred.reshape(B, 5, C, H, W).unbind(1)
     var_a = e_aa - mu_a * mu_a
     var_b = e_bb - mu_b * mu_b
