@@ -172,7 +172,7 @@ def rigidity_losses(
         {"rigid", "rot", "iso"}: scalar tensors.
     """
     return _rigidity(means, quats, prev_means, prev_quats, neighbour_indices, neighbour_weights, initial_distances,
-                     _relative_rotations, _rigidity_terms, prev_offsets)
+                     _relative_rotations, _rigidity_terms_eager, prev_offsets)
 
 
 def previous_offsets(prev_means: torch.Tensor, neighbour_indices: torch.Tensor) -> torch.Tensor:
@@ -195,29 +195,90 @@ def _sum_of_squares(components) -> torch.Tensor:
     return total
 
 
+def _rigidity_parts(rel_R, offsets, rel_rot, neighbour_rel_rot, prev_offsets, weights, initial_distances):
+    """(rigid, rot, iso, what their gradients need) from the rotations rel_R [N, 3, 3] and offsets
+    mu_j - mu_i [N, K, 3] (the rest as in `_rigidity_terms`).
+
+    Vectors are handled as their [N, K] components: on a 2-core AMD EPYC CPU (1 thread, 4,221 x 20)
+    the forward + backward took 38.7 ms as [N, K, 3, 3] broadcast products and sums over the last
+    dimension, 8.8 ms per component (the same forward values).
+    """
+    o = offsets.unbind(-1)  # 3 x [N, K]
+    # (R^T v)_a = sum_b R_ba v_b, written out rather than a batched matmul: BLAS results may depend on
+    # memory alignment, which would break bit-identical resumes on CPU.
+    rotated = [rel_R[:, None, 0, a] * o[0] + rel_R[:, None, 1, a] * o[1] + rel_R[:, None, 2, a] * o[2]
+               for a in range(3)]
+    e = [r - p for r, p in zip(rotated, prev_offsets.unbind(-1))]
+    u_rigid = torch.sqrt(_sum_of_squares(e) * weights + SQRT_EPS)
+    d = [qj - qi[:, None] for qj, qi in zip(neighbour_rel_rot.unbind(-1), rel_rot.unbind(-1))]
+    u_rot = torch.sqrt(_sum_of_squares(d) * weights + SQRT_EPS)
+    distances = torch.sqrt(_sum_of_squares(o) + SQRT_EPS)
+    f = distances - initial_distances
+    u_iso = torch.sqrt(f**2 * weights + SQRT_EPS)   # weighted_abs(distances, initial_distances, weights)
+    saved = (o, e, u_rigid, d, u_rot, distances, f, u_iso)
+    return u_rigid.mean(), u_rot.mean(), u_iso.mean(), saved
+
+
 def _rigidity_terms(means, rel_rot, neighbour_means, neighbour_rel_rot, prev_offsets, weights, initial_distances):
     """The three terms from gathered neighbours (pure pointwise maths and reductions: compilable).
 
     means [N, 3], rel_rot [N, 4], neighbour_means [N, K, 3], neighbour_rel_rot [N, K, 4],
     prev_offsets [N, K, 3], weights and initial_distances [N, K].
-
-    Vectors are handled as their [N, K] components: on a 2-core AMD EPYC CPU (1 thread, 4,221 x 20) the
-    forward + backward took 38.7 ms as [N, K, 3, 3] broadcast products and sums over the last dimension,
-    13.1 ms with the rotation written out per component, and ~8 ms fully per component.
     """
-    rel_R = quat_to_rotmat(rel_rot)  # [N, 3, 3]
-    offsets = (neighbour_means - means[:, None]).unbind(-1)  # 3 x [N, K]
-    # (R^T v)_a = sum_b R_ba v_b, written out rather than a batched matmul: BLAS results may depend on
-    # memory alignment, which would break bit-identical resumes on CPU.
-    rotated = [rel_R[:, None, 0, a] * offsets[0] + rel_R[:, None, 1, a] * offsets[1]
-               + rel_R[:, None, 2, a] * offsets[2] for a in range(3)]
-    rigid_sq = _sum_of_squares(r - p for r, p in zip(rotated, prev_offsets.unbind(-1)))
-    rigid = torch.sqrt(rigid_sq * weights + SQRT_EPS).mean()
-    rot_sq = _sum_of_squares(qj - qi[:, None] for qj, qi in zip(neighbour_rel_rot.unbind(-1), rel_rot.unbind(-1)))
-    rot = torch.sqrt(rot_sq * weights + SQRT_EPS).mean()
-    distances = torch.sqrt(_sum_of_squares(offsets) + SQRT_EPS)
-    iso = weighted_abs(distances, initial_distances, weights)
+    rigid, rot, iso, _ = _rigidity_parts(quat_to_rotmat(rel_rot), neighbour_means - means[:, None], rel_rot,
+                                         neighbour_rel_rot, prev_offsets, weights, initial_distances)
     return rigid, rot, iso
+
+
+class _RigidityTerms(torch.autograd.Function):
+    """`_rigidity_parts` with its gradient written out (autograd's took 6 ms of the 8.8 ms above).
+
+    With M = N K entries and u = sqrt(w s + 1e-20) per entry, d mean(u) / d s = w / (2 M u), so for
+    rigid (s = |e|^2, e_a = sum_b R_ba o_b - p_a): dL/de_a = g w e_a / (M u),
+    dL/dR_ba = sum_k dL/de_a o_b and dL/do_b = sum_a R_ba dL/de_a; for rot (s = |q_j - q_i|^2):
+    dL/dq_j = g w (q_j - q_i) / (M u) and dL/dq_i = -sum_k of it; for iso (s = f^2, f = |o| - d0,
+    |o| = sqrt(|o|^2 + 1e-20)): dL/do_b = g w f o_b / (M u |o|).
+    """
+
+    @staticmethod
+    def forward(ctx, rel_R, offsets, rel_rot, neighbour_rel_rot, prev_offsets, weights, initial_distances):
+        rigid, rot, iso, saved = _rigidity_parts(rel_R, offsets, rel_rot, neighbour_rel_rot, prev_offsets, weights,
+                                                 initial_distances)
+        o, e, u_rigid, d, u_rot, distances, f, u_iso = saved
+        ctx.save_for_backward(rel_R, weights, u_rigid, u_rot, distances, f, u_iso, *o, *e, *d)
+        return rigid, rot, iso
+
+    @staticmethod
+    def backward(ctx, grad_rigid, grad_rot, grad_iso):
+        rel_R, weights, u_rigid, u_rot, distances, f, u_iso, *rest = ctx.saved_tensors
+        o, e, d = rest[:3], rest[3:6], rest[6:]
+        inv_m = 1.0 / weights.numel()
+        grad_R = grad_offsets = grad_rel_rot = grad_neighbour_rel_rot = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            c_rigid = (grad_rigid * inv_m) * weights / u_rigid
+            grad_e = [c_rigid * e_a for e_a in e]
+            if ctx.needs_input_grad[0]:
+                grad_R = torch.stack([(grad_e[a] * o[b]).sum(1) for b in range(3) for a in range(3)], -1
+                                     ).reshape(rel_R.shape)
+            if ctx.needs_input_grad[1]:
+                c_iso = (grad_iso * inv_m) * weights * f / (u_iso * distances)
+                grad_offsets = torch.stack([rel_R[:, None, b, 0] * grad_e[0] + rel_R[:, None, b, 1] * grad_e[1]
+                                            + rel_R[:, None, b, 2] * grad_e[2] + c_iso * o[b] for b in range(3)], -1)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            c_rot = (grad_rot * inv_m) * weights / u_rot
+            grad_d = [c_rot * d_c for d_c in d]
+            if ctx.needs_input_grad[3]:
+                grad_neighbour_rel_rot = torch.stack(grad_d, -1)
+            if ctx.needs_input_grad[2]:
+                grad_rel_rot = -torch.stack([g.sum(1) for g in grad_d], -1)
+        return grad_R, grad_offsets, grad_rel_rot, grad_neighbour_rel_rot, None, None, None
+
+
+def _rigidity_terms_eager(means, rel_rot, neighbour_means, neighbour_rel_rot, prev_offsets, weights,
+                          initial_distances):
+    """`_rigidity_terms` (the same values) with the written-out gradient of `_RigidityTerms`."""
+    return _RigidityTerms.apply(quat_to_rotmat(rel_rot), neighbour_means - means[:, None], rel_rot, neighbour_rel_rot,
+                                prev_offsets, weights, initial_distances)
 
 
 def _rigidity(means, quats, prev_means, prev_quats, neighbour_indices, neighbour_weights, initial_distances,

@@ -8,6 +8,7 @@ Tolerances:
 | SSIM of constant images | abs 1e-4 | E[x^2] - E[x]^2 cancels in float32 (~3e-8) against C2 = 9e-4 |
 | deterministic gather gradient vs autograd | abs 1e-6 | same sums, different order (float32) |
 | compiled vs eager rigidity | rel 1e-5 (values), 1e-4 (grads) | inductor fuses and reorders float32 sums |
+| written-out rigidity gradient | values exact; grads 1e-5 x max abs (float32) | the same forward; sums reordered |
 """
 
 from __future__ import annotations
@@ -204,3 +205,28 @@ def test_compiled_rigidity_matches_eager():
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-9)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_written_out_rigidity_gradient_matches_autograd():
+    """`_RigidityTerms` (the eager path) has `_rigidity_terms`'s values and autograd's gradients."""
+    means0, quats0, idx, w, d0 = cluster(n=60)
+    g = torch.Generator().manual_seed(3)
+    prev_offsets = L.previous_offsets(means0, idx)
+    for dtype in (torch.float32, torch.float64):
+        m = (means0 + 0.01 * torch.randn(means0.shape, generator=g)).to(dtype).requires_grad_()
+        q = quat_normalize(quats0 + 0.05 * torch.randn(quats0.shape, generator=g)).to(dtype).requires_grad_()
+        args = [t.to(dtype) for t in (prev_offsets, w, d0)]
+        rel = L._relative_rotations(q, quats0.to(dtype))
+        nm, nr = L.neighbour_gather(m, idx), L.neighbour_gather(rel, idx)
+        written = L._rigidity_terms_eager(m, rel, nm, nr, *args)
+        reference = L._rigidity_terms(m, rel, nm, nr, *args)
+        weights = (1.0, 2.0, 3.0)
+        grads = [torch.autograd.grad(sum(c * v for c, v in zip(weights, terms)), [m, q], retain_graph=True)
+                 for terms in (written, reference)]
+        for a, b in zip(written, reference):
+            assert torch.equal(a, b)
+        for a, b in zip(*grads):  # entries summed from cancelling products: scaled by the largest one
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    assert torch.autograd.gradcheck(
+        lambda mm, qq: sum(L._rigidity_terms_eager(mm, qq, L.neighbour_gather(mm, idx), L.neighbour_gather(qq, idx),
+                                                   *args)), (m, rel.detach().requires_grad_()))
