@@ -298,6 +298,45 @@ def _distributed_step(world_size: int, options: dict) -> None:
     _finish("step", records, config, options["out"], {"world_size": world_size}, merge=True)
 
 
+@cli.command("cameras-per-step")
+@click.argument("work", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Results folder; files go to <out>/<device slug>/.")
+@click.option("--batches", default="1,2,4", show_default=True, help="Comma-separated views per step (B).")
+@click.option("--lr-batch-scaling", type=click.Choice(["none", "sqrt"]), default="none", show_default=True)
+@click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="The B = 1 fit's steps as a multiple of the demo preset's.")
+@click.option("--width", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--height", type=click.IntRange(min=8), default=48, show_default=True)
+@click.option("--cameras", type=click.IntRange(min=3), default=8, show_default=True, help="Training cameras.")
+@click.option("--test-cameras", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--frames", type=click.IntRange(min=2), default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def cameras_per_step(work: Path, out: Path, batches: str, lr_batch_scaling: str, steps_scale: float, width: int,
+                     height: int, cameras: int, test_cameras: int, frames: int, seed: int) -> None:
+    """Held-out PSNR and MTE of fits with B views per step for 1/B of the steps (equal rendered views, about
+    equal CPU time) on a small synthetic scene generated into WORK/data; fits go to WORK/b<B>-<rule>."""
+    from . import cameras_per_step as cps
+    from .harness import command_line, machine_info
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}",
+                                 param_hint="--batches") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > cameras:
+        raise click.BadParameter(f"expected view counts in 1..{cameras} (the training cameras), got {batches!r}",
+                                 param_hint="--batches")
+    rows = cps.run(work, sizes, width=width, height=height, cameras=cameras, test_cameras=test_cameras,
+                   frames=frames, seed=seed, steps_scale=steps_scale, lr_batch_scaling=lr_batch_scaling,
+                   progress=_progress)
+    scene = {"width": width, "height": height, "cameras": cameras, "test_cameras": test_cameras, "frames": frames,
+             "seed": seed}
+    path = cps.write(out, rows, scene, command_line(), machine_info("cpu"))
+    click.echo(cps.table(rows))
+    click.echo(f"wrote {path}")
+
+
 @cli.command("host")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=QUICK_OUT, show_default=True)
 def host(out: Path) -> None:

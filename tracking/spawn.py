@@ -38,7 +38,7 @@ from . import losses as L
 from .config import MIN_REFINE_EVERY, DensifyConfig, TrackingConfig
 from .neighbours import knn
 from .params import activated, init_params, learning_rates, make_optimizer
-from .strategy import AllGaussiansPrunedError, DensifyStrategy
+from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
 
 SPAWN_OPTIMISED = ("means", "rgb", "quats", "logit_opacities", "log_scales")  # seg stays the label (1, 0, 0)
 MIN_SPAWN_POINTS = 4  # fewer hull points cannot carry neighbour-distance scales (3 neighbours each)
@@ -165,7 +165,7 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
 
     def after_step(step: int, out, index: list[int]) -> None:
         W, H = views.sizes[index[0]]
-        grad, radii = out.densify_grad[:, n_old:], out.radii[:, n_old:]   # the new Gaussians' rows only
+        grad, radii = view_gradients(out.densify_grad[:, n_old:], len(index)), out.radii[:, n_old:]  # new rows only
         last = grad.shape[0] - 1
         for b in range(last):
             strategy.accumulate(dstate, step, grad[b], radii[b], W, H)

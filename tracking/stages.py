@@ -34,7 +34,7 @@ from .errors import NaNLossError, TrackingError, fault_at
 from .params import activated, fused_step, init_params, learning_rates, make_optimizer
 from .quaternions import quat_normalize
 from .store import FrameRecord, RunRecord
-from .strategy import AllGaussiansPrunedError, DensifyStrategy
+from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
 from .targets import FrameTargets, Views
 
 SEED_STRIDE = 1_000_003  # frame t's generator seed = seed * SEED_STRIDE + t (no hashing)
@@ -484,13 +484,11 @@ def fit_first_frame(seq, points: np.ndarray, config: TrackingConfig, scene_radiu
     def after_step(step: int, out, index: list[int]) -> None:
         W, H = views.sizes[index[0]]
         try:
-            densify_grad, radii = out.densify_grad, out.radii
+            densify_grad, radii = view_gradients(out.densify_grad, len(index)), out.radii
             if world.active:
                 # Every rank gets every view's statistics, in the step's camera order, and accumulates
-                # them as one process does. A rank's loss is the mean over its B / N views, the step's
-                # the mean over all B: each view's screen-space gradient is N times the one-process
-                # value (N a power of two: exactly).
-                densify_grad = gather_views(densify_grad / world.size, world)
+                # them as one process does.
+                densify_grad = gather_views(densify_grad, world)
                 radii = gather_views(radii, world)
                 n_before = params["means"].shape[0]
             last = densify_grad.shape[0] - 1

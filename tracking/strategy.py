@@ -216,3 +216,15 @@ class DensifyStrategy:
                    "n_before": n0, "n": n}
         state.history.append(summary)
         return summary
+
+
+def view_gradients(densify_grad: torch.Tensor, n_views: int) -> torch.Tensor:
+    """Each view's screen-space gradient of its own loss, from those of a loss that is the mean over
+    `n_views` views ([V, N, 2]): x n_views (exact for powers of two; unchanged for one view).
+
+    The densification threshold is for one view's loss (the original renders one view per step); of the
+    mean over B views each view gets 1/B of it, so without this factor B views per step would densify as
+    if the threshold were B times higher (measured on a 64x48 synthetic scene, demo preset at equal
+    rendered views: 15,943 Gaussians at B = 1, 8,881 at B = 2, 5,028 at B = 4).
+    """
+    return densify_grad if n_views == 1 else densify_grad * n_views

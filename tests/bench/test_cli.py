@@ -150,3 +150,24 @@ def test_all_quick_runs_everything_and_writes_json_and_pngs(tmp_path, monkeypatc
     (compile_record,) = results(tmp_path, "compile_report")["records"]
     assert "AOT module is unavailable" in compile_record["skipped"]
     assert "targets:" in result.output and "zero register spills" in result.output
+
+
+def test_cameras_per_step_configs_render_equal_views_and_the_table_lists_them(tmp_path):
+    from bench import cameras_per_step as cps
+
+    one, four = cps.config_for(1), cps.config_for(4, lr_batch_scaling="sqrt")
+    assert (one.cameras_per_step, four.cameras_per_step, four.lr_batch_scaling) == (1, 4, "sqrt")
+    assert (four.steps_first, four.steps_per_frame) == (one.steps_first // 4, one.steps_per_frame // 4)
+    assert one.densify.opacity_reset_at == 0 == four.densify.opacity_reset_at
+    row = {"cameras_per_step": 4, "lr_batch_scaling": "sqrt", "steps_first": 150, "steps_per_frame": 15,
+           "views_rendered": 720, "fit_wall_s": 80.0, "fit_cpu_s": 70.0, "psnr": 25.5, "ssim": 0.9,
+           "mte_3d_pct": 1.5, "mte_3d_pct_highest_influence": None, "survival_3d": 100.0, "n_gaussians": 1234}
+    machine = {"device_slug": "cpu-test", "device_name": "CPU", "cpu_count": 2, "load_average_1m_5m_15m": [1, 1, 1]}
+    path = cps.write(tmp_path, [row], {"width": 64}, "python -m bench cameras-per-step W", machine)
+    cps.write(tmp_path, [{**row, "lr_batch_scaling": "none"}], {"width": 64}, "python -m bench cameras-per-step W",
+              machine)
+    assert len(json.loads(path.read_text())["rows"]) == 2      # merged by (B, lr rule)
+    md = (tmp_path / "cpu-test" / "cameras_per_step.md").read_text()
+    assert "| 4 | sqrt | 150 / 15 | 720 | 80 s | 70 s | 25.50 dB | 1.50 % | n/a | 1,234 |" in md
+    with pytest.raises(ValueError, match="batches"):
+        cps.config_for(0)

@@ -173,3 +173,11 @@ def test_accumulate_scales_views_narrower_than_the_threshold_width():
     assert sums[640, 1280] == pytest.approx(1e-6 * 640, rel=1e-6)
     assert sums[0, 64] == pytest.approx(1e-6 * 32, rel=1e-6)
     assert DensifyConfig().grad_threshold_width == 640
+
+
+def test_view_gradients_undo_the_mean_over_a_steps_views():
+    from tracking.strategy import view_gradients
+
+    grad = torch.randn(4, 10, 2)
+    assert view_gradients(grad, 1) is grad
+    assert torch.equal(view_gradients(grad, 4), grad * 4)
