@@ -9,8 +9,9 @@ refinement windows before the final cull and `scaled_steps` drops it, so no fit 
 `tracking.evaluate` without LPIPS (held-out PSNR, mte_3d_pct under the 0.5-influence readout and following the
 highest-influence Gaussian).
 
-Writes <out>/<device slug>/cameras_per_step.json (rows keyed by B and the lr rule; rows of other keys already in
-the file are kept) and cameras_per_step.md (the table).
+`--steps-scale` multiplies every fit's steps (e.g. B = 2 at 1.25: 5/8 of the demo's steps, to match the B = 1
+fit's wall time rather than its rendered views). Writes <out>/<device slug>/cameras_per_step.json (rows keyed by
+B, the lr rule and the steps; rows of other keys already in the file are kept) and cameras_per_step.md.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| B | lr rule | steps (t = 0 / t > 0) | views rendered | fit wall | fit CPU | held-out PSNR | "
              "mte_3d_pct (0.5 influence) | mte_3d_pct (highest influence) | Gaussians |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["lr_batch_scaling"], r["cameras_per_step"])):
+    for r in sorted(rows, key=lambda r: (r["lr_batch_scaling"], r["cameras_per_step"], r["steps_first"])):
         lines.append(f"| {r['cameras_per_step']} | {r['lr_batch_scaling']} | "
                      f"{r['steps_first']} / {r['steps_per_frame']} | {r['views_rendered']} | "
                      f"{r['fit_wall_s']:.0f} s | {r['fit_cpu_s']:.0f} s | "
@@ -89,26 +90,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(row: dict) -> tuple:
+    return row["cameras_per_step"], row["lr_batch_scaling"], row["steps_first"]
+
+
 def write(out_dir: Path, rows: list[dict], scene: dict, how: str, machine: dict) -> Path:
-    """Merge rows into <out_dir>/<slug>/cameras_per_step.json (by B and lr rule) and rewrite the .md table."""
+    """Merge rows into <out_dir>/<slug>/cameras_per_step.json (by B, lr rule and steps) and rewrite the .md
+    table."""
     folder = Path(out_dir) / machine["device_slug"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{STEM}.json"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new = [{**r, "how": how, "created": created, "load_average_1m": machine.get("load_average_1m_5m_15m", [None])[0]}
            for r in rows]
-    keys = {(r["cameras_per_step"], r["lr_batch_scaling"]) for r in new}
+    keys = {_key(r) for r in new}
     old = []
     if path.exists():
-        old = [r for r in json.loads(path.read_text()).get("rows", [])
-               if (r["cameras_per_step"], r["lr_batch_scaling"]) not in keys]
+        old = [r for r in json.loads(path.read_text()).get("rows", []) if _key(r) not in keys]
     payload = {"benchmark": STEM, "how": how, "created": created, "scene": scene, "machine": machine,
                "config": "tracking demo preset, torch backend, no opacity reset; steps x 1/B "
                          "(bench.cameras_per_step.config_for)",
                "rows": old + new}
     path.write_text(json.dumps(payload, indent=1) + "\n")
-    (folder / f"{STEM}.md").write_text(
-        f"# Cameras per step at equal rendered views\n\n`{how}` ({machine.get('device_name')}, "
-        f"{machine.get('cpu_count')} cores; synthetic scene {scene}; load average per row in the JSON).\n\n"
-        + table(payload["rows"]))
+    (folder / f"{STEM}.md").write_text(markdown(payload))
     return path
+
+
+def markdown(payload: dict) -> str:
+    """The results file as a page: how the rows were made, then the table."""
+    machine, scene = payload["machine"], payload["scene"]
+    hows = sorted({r["how"] for r in payload["rows"]})
+    return ("# Cameras per step\n\nB views per step for 1/B of the demo preset's steps (equal rendered views), "
+            "or more steps where the command says `--steps-scale` (to approach the B = 1 fit's time). "
+            f"{machine.get('device_name')}, {machine.get('cpu_count')} cores, 1 thread, shared machine (load "
+            f"average per row in the JSON); synthetic scene {scene}. Made by:\n\n"
+            + "".join(f"- `{h}`\n" for h in hows) + "\n" + table(payload["rows"]))

@@ -8,8 +8,10 @@ Luiten et al., "Dynamic 3D Gaussians: Tracking by Persistent Dynamic View Synthe
 
 Both are a `Stage` (parameters, optimiser, render inputs, what runs after each optimiser step) that
 `optimise` runs: render the step's views, the active terms of `losses.TERMS`, backward, Adam, the
-stage's hook, and the step's scalars into a device buffer (`ScalarLog`) that is read every
-`TrackingConfig.log_every` steps, so a step makes no device-to-host read of its own.
+stage's hook (`step_once`), and the step's scalars into a device buffer (`ScalarLog`) that is read every
+`TrackingConfig.log_every` steps, so a step makes no device-to-host read of its own. With
+`TrackingConfig.cuda_graphs`, t > 0 steps run `step_once` as static steps captured in a CUDA graph
+(`tracking.capture`).
 """
 
 from __future__ import annotations

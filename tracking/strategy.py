@@ -225,6 +225,7 @@ def view_gradients(densify_grad: torch.Tensor, n_views: int) -> torch.Tensor:
     The densification threshold is for one view's loss (the original renders one view per step); of the
     mean over B views each view gets 1/B of it, so without this factor B views per step would densify as
     if the threshold were B times higher (measured on a 64x48 synthetic scene, demo preset at equal
-    rendered views: 15,943 Gaussians at B = 1, 8,881 at B = 2, 5,028 at B = 4).
+    rendered views, `bench cameras-per-step`: 15,943 Gaussians at B = 1; 8,881 / 5,028 at B = 2 / 4
+    without this factor, 15,747 / 16,379 with it).
     """
     return densify_grad if n_views == 1 else densify_grad * n_views

@@ -166,7 +166,7 @@ def test_cameras_per_step_configs_render_equal_views_and_the_table_lists_them(tm
     path = cps.write(tmp_path, [row], {"width": 64}, "python -m bench cameras-per-step W", machine)
     cps.write(tmp_path, [{**row, "lr_batch_scaling": "none"}], {"width": 64}, "python -m bench cameras-per-step W",
               machine)
-    assert len(json.loads(path.read_text())["rows"]) == 2      # merged by (B, lr rule)
+    assert len(json.loads(path.read_text())["rows"]) == 2      # merged by (B, lr rule, steps)
     md = (tmp_path / "cpu-test" / "cameras_per_step.md").read_text()
     assert "| 4 | sqrt | 150 / 15 | 720 | 80 s | 70 s | 25.50 dB | 1.50 % | n/a | 1,234 |" in md
     with pytest.raises(ValueError, match="batches"):
