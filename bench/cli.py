@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 import torch
 
+from tritonsplat.cpu_memory import keep_freed_memory
+
 from . import compile_report as aot_report
 from .cases import CASES, parse_case
 from .harness import Record, device_slug, load_results, record_from_json, write_results
@@ -207,6 +209,7 @@ def bench_command(function: Callable) -> Callable:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Reproducible speed, memory and resource benchmarks of tritonsplat (and gsplat, when installed)."""
+    keep_freed_memory()   # as the tracking command line does: CPU timings without page-fault churn
 
 
 @cli.command()

@@ -431,6 +431,7 @@ def _machine_info_cached(device_key: str) -> tuple:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "keep_freed_memory": _keeps_freed_memory(),
         "torch": torch.__version__,
         "triton": _package_version("triton"),
         "tritonsplat": _package_version("tritonsplat"),
@@ -440,6 +441,13 @@ def _machine_info_cached(device_key: str) -> tuple:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
     })
     return tuple(sorted(info.items()))
+
+
+def _keeps_freed_memory() -> bool:
+    """Whether `tritonsplat.cpu_memory.keep_freed_memory` is in effect (CPU timings depend on it)."""
+    from tritonsplat import cpu_memory
+
+    return cpu_memory._applied
 
 
 def machine_info(device: torch.device | str) -> dict:

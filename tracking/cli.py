@@ -23,6 +23,7 @@ import click
 
 from data_tools.cli import parse_frames  # one 'A:B[:STEP]' parser for both CLIs
 from tritonsplat.cli import user_errors
+from tritonsplat.cpu_memory import keep_freed_memory
 
 from .config import PRESETS, TrackingConfig
 from .errors import TrackingError
@@ -42,6 +43,8 @@ def main():
     """Dynamic 3D Gaussians (Luiten et al., 3DV 2024): fit a multi-camera video as persistent Gaussians whose
     motion is a dense 6-DoF track of the scene; evaluate, export and render it."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    # CPU steps free and re-allocate MB-sized temporaries: keep them in the process (no page faults).
+    keep_freed_memory()
 
 
 def _build_config(preset: str, steps_scale: float, seed: int | None, backend: str, device: str | None
