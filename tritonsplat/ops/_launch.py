@@ -16,8 +16,8 @@ pixels spread over the threads. Figures at 16-px tiles, sm_90 (Triton 3.9, `pyth
 
 | kernel (16-px tile)               | pixels/thread | num_warps | registers | instr/pair | spills |
 |-----------------------------------|---------------|-----------|-----------|------------|--------|
-| compositing forward, D = 3        | 4             | 2         | 91        | 37.8       | 0      |
-| compositing forward, D = 6        | 4             | 2         | 121       | 43.3       | 0      |
+| compositing forward, D = 3        | 4             | 2         | 79        | 35.0       | 0      |
+| compositing forward, D = 6        | 4             | 2         | 87        | 39.0       | 0      |
 | compositing backward, D = 3       | 8             | 1         | 196       | 85.5       | 0      |
 | backward geometry launch, D > 8   | 4             | 2         | 254       | 248.3      | 0      |
 | backward colour chunk, D > 8      | 8             | 1         | 156       | 63.5       | 0      |

@@ -269,7 +269,7 @@ def _composite_forward_kernel(
 
     transmittance = tl.abs(transmittance)
     # The tile's indices again, from a fresh (volatile) load of the bin: kept live across the loop,
-    # camera x height + row and camera x D were spilled on sm_80 (8-24 B at D = 3, 4, Triton 3.9).
+    # camera x height + row and camera x D were spilled on sm_80 (8-24 B, D = 3 and 4, Triton 3.9).
     bin_index = tl.load(order_ptr + tl.program_id(0), mask=None, other=None, volatile=True)
     camera, _cx, _cy, inside, image_index = _tile_pixels(
         bin_index, n_tiles, tiles_x, width, height, TILE_SIZE, PIXELS_PER_THREAD, WARPS, LANES, INT64_OFFSETS)
