@@ -9,12 +9,24 @@ One table, chosen so that every kernel compiles without spills at sm_80 and sm_9
 | projection forward/backward  | 128 Gaussians (1/thread)  | 4         | ~150 live floats per Gaussian in bwd  |
 | binning count/emit           | 128 Gaussians (1/thread)  | 4         | per-lane loops over candidate tiles   |
 | tile ranges                  | 512 intersections         | 4         | 1024 spilled 8 B (sm_90, triton 3.6)  |
-| compositing forward          | 256 pixels x 8 Gaussians  | 8         | [8, 256] tensors: 8 values per thread |
-| compositing backward         | 256 pixels x 8 Gaussians  | 8         | ~20 live [8, 256] temporaries         |
 
-Compositing batch size, from the sm_80 cubins (cuobjdump, 8 warps): forward 80 registers at 8 Gaussians
-per batch, 182 at 16 (one block per SM) and spills at 32; backward 195 registers at 8, spills at 16.
-8 keeps three forward blocks (24 warps) resident per SM. Speed on a GPU is not measured yet.
+The compositing kernels take their layout from the tile size instead (`compositing.pixel_layout`):
+one program per tile, BATCH Gaussians per main-loop iteration (forward 16, backward 8), the tile's
+pixels spread over the threads. Figures at 16-px tiles, sm_90 (Triton 3.9, `python -m tritonsplat.aot`):
+
+| kernel (16-px tile)               | pixels/thread | num_warps | registers | instr/pair | spills |
+|-----------------------------------|---------------|-----------|-----------|------------|--------|
+| compositing forward, D = 3        | 4             | 2         | 79        | 35.0       | 0      |
+| compositing forward, D = 6        | 4             | 2         | 87        | 39.0       | 0      |
+| compositing backward, D = 3       | 8             | 1         | 196       | 85.5       | 0      |
+| backward geometry launch, D > 8   | 4             | 2         | 254       | 248.3      | 0      |
+| backward colour chunk, D > 8      | 8             | 1         | 156       | 63.5       | 0      |
+
+The D > 8 geometry launch forms q over all D channels per pair; at 8 pixels per thread it needed
+more than 255 registers (512 B spilled at 16-px tiles, 872 B at 32 px, D = 33), at 4 it fits.
+Pixels per thread at the other tile sizes: 4 px 1, 8 px 2, 32 px 8 (4 warps; the D > 8 geometry launch
+4, 8 warps).
+Every variant and tile size: `bench/results/cpu-amd-epyc/compile_all_sm90.json`.
 """
 
 from __future__ import annotations
@@ -34,8 +46,6 @@ _TABLE = {
     "projection": LaunchSettings(block=128, num_warps=4),
     "binning": LaunchSettings(block=128, num_warps=4),
     "tile_ranges": LaunchSettings(block=512, num_warps=4),
-    "compositing_forward": LaunchSettings(block=8, num_warps=8),   # block = Gaussians per batch
-    "compositing_backward": LaunchSettings(block=8, num_warps=8),
 }
 
 

@@ -94,12 +94,18 @@ class PixelLayout:
     lanes: int            # pixels per warp row (32, or the tile's pixel count for 4x4 tiles)
 
 
-def pixel_layout(tile_size: int, backward: bool) -> PixelLayout:
+def pixel_layout(tile_size: int, backward: bool, wide_geometry: bool = False) -> PixelLayout:
     """The launch layout of a tile size (4, 8, 16 or 32). More pixels per thread amortise the per-Gaussian
-    scalar loads (forward) and the per-Gaussian warp reductions (backward) over more pixels."""
+    scalar loads (forward) and the per-Gaussian warp reductions (backward) over more pixels.
+
+    `wide_geometry`: the geometry launch of a backward with D > CHANNEL_CHUNK (q spans all D channels,
+    the first 8 upstream gradients held in registers). At 8 pixels per thread it needs more than the
+    255 registers (sm_90: 512 B spilled at 16-px tiles, 872 B at 32 px, D = 33); at 4 it fits."""
     pixels = tile_size * tile_size
     lanes = min(32, pixels)
     per_thread = {4: 1, 8: 2, 16: 8 if backward else 4, 32: 8}[tile_size]
+    if backward and wide_geometry:
+        per_thread = min(per_thread, 4)
     return PixelLayout(num_warps=pixels // (lanes * per_thread), pixels_per_thread=per_thread, lanes=lanes)
 
 
@@ -262,6 +268,11 @@ def _composite_forward_kernel(
         any_active = _any((transmittance > 0.0).to(tl.int32))
 
     transmittance = tl.abs(transmittance)
+    # The tile's indices again, from a fresh (volatile) load of the bin: kept live across the loop,
+    # camera x height + row and camera x D were spilled on sm_80 (8-24 B, D = 3 and 4, Triton 3.9).
+    bin_index = tl.load(order_ptr + tl.program_id(0), mask=None, other=None, volatile=True)
+    camera, _cx, _cy, inside, image_index = _tile_pixels(
+        bin_index, n_tiles, tiles_x, width, height, TILE_SIZE, PIXELS_PER_THREAD, WARPS, LANES, INT64_OFFSETS)
     _store_channel(out_colors_ptr, backgrounds_ptr, color_0, transmittance, image_index, inside, camera, n_channels,
                    channel_offset, 0, CHANNELS, HAS_BACKGROUND)
     _store_channel(out_colors_ptr, backgrounds_ptr, color_1, transmittance, image_index, inside, camera, n_channels,
@@ -702,7 +713,6 @@ def composite_backward(prepared: _Prepared, backgrounds, state: CompositeState, 
     row_width = ROW_COLORS.value + d
     n_entries = prepared.ids_padded.numel() - 2 * prepared.batch
     rows = _alloc.zeros(n_entries if deterministic else 0, row_width, **zeros)
-    layout = pixel_layout(settings.tile_size, backward=True)
     color_k = d if color_grad_channels is None else min(color_grad_channels, d)
     has_colors = grad_colors is not None
     densify_k = min(densify_channels or 0, d) if has_colors else 0
@@ -715,6 +725,7 @@ def composite_backward(prepared: _Prepared, backgrounds, state: CompositeState, 
     dummy = state.final_transmittance
     for offset, channels, geometry in launches:
         q_channels = d if (geometry and has_colors) else 0
+        layout = pixel_layout(settings.tile_size, backward=True, wide_geometry=q_channels > CHANNEL_CHUNK)
         _composite_backward_kernel[(c * settings.n_tiles,)](
             prepared.record, prepared.ids, prepared.ranges, prepared.order,
             backgrounds if backgrounds is not None else dummy, state.final_transmittance, state.last_index,
@@ -918,7 +929,7 @@ def compiled_variants(exhaustive: bool = False) -> list[dict]:
 
     def backward(name, tile_size, channels, q_channels, *, geometry=True, alpha=True, depth=True, densify=0,
                  absgrad=False, deterministic=False, int64=False):
-        layout = pixel_layout(tile_size, backward=True)
+        layout = pixel_layout(tile_size, backward=True, wide_geometry=q_channels > CHANNEL_CHUNK)
         variants.append(dict(
             name=name, kernel="_composite_backward_kernel", signature=_aot_signature(_composite_backward_kernel),
             constexprs=dict(TILE_SIZE=tile_size, BATCH=BACKWARD_BATCH, PIXELS_PER_THREAD=layout.pixels_per_thread,
