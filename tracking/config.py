@@ -373,9 +373,9 @@ class TrackingConfig:
 # cores, tuned for the README's 5-minute budget (data generation, fit, evaluation and renders).
 # Measured when tuned (2 CPU cores, torch backend, quiet machine): 215 s end to end (fit 203 s),
 # held-out PSNR 30.97 dB, 16,757 Gaussians. With the tile compositor, glibc keeping freed memory
-# (tritonsplat.cpu_memory) and the self-adjoint SSIM blur (2026-12-02, 1 thread, load 2-3): 205 s of CPU
-# end to end (250 s wall), 30.96 dB, 16,701 Gaussians, survival_3d 100 %; mte_3d 4.93 % of the extent
-# under the 0.5 influence rule (at most 1 of 1,736 ground-truth points reaches it), 0.88 % following the
+# (tritonsplat.cpu_memory) and the depthwise SSIM blur (2026-12-02, 1 thread, load ~2): 197 s of CPU
+# end to end (213 s wall, fit 193 s), 31.03 dB, 16,726 Gaussians, survival_3d 100 %; mte_3d 4.93 % of the extent
+# under the 0.5 influence rule (0.06 % of the ground-truth points reach it), 0.87 % following the
 # highest-influence Gaussian. 90 steps per frame: 31.17 dB but 279 s of CPU, too close to 5 minutes.
 _DEMO = TrackingConfig(
     preset="demo",
