@@ -100,9 +100,12 @@ class StaticStep:
     Args:
         stage, views, targets, terms_on, weight_vectors, log: what `stages.step_once` and the scalar log take.
         order: per step, the step's camera indices (`stages.camera_order`).
+        step_once, render: `tracking.stages`' step and render functions (passed in: no import cycle).
     """
 
-    def __init__(self, stage, views, targets, order: list[list[int]], terms_on, weight_vectors: dict, log):
+    def __init__(self, stage, views, targets, order: list[list[int]], terms_on, weight_vectors: dict, log, *,
+                 step_once: Callable, render: Callable):
+        self.step_once, self.render = step_once, render
         self.stage, self.views, self.targets = stage, views, targets
         self.terms_on, self.weight_vectors, self.log = terms_on, weight_vectors, log
         device = stage.params["means"].device
@@ -115,10 +118,8 @@ class StaticStep:
     # ------------------------------------------------------------------ the captured step
     def run(self, capacity: int) -> None:
         """One step of the frame: its cameras, render, losses, backward, Adam, scalars, counter + 1."""
-        from .stages import step_once
-
         index = self.order.index_select(0, self.step.reshape(1))[0]  # [B] int64, on the device
-        out, loss, psnr, terms = step_once(self.stage, self.views, self.targets, index, self.terms_on,
+        out, loss, psnr, terms = self.step_once(self.stage, self.views, self.targets, index, self.terms_on,
                                            self.weight_vectors, max_intersections=capacity)
         row = torch.remainder(self.step, self.rows).reshape(1)
         self.log.write(row, loss, psnr, terms, (out.overflow, out.n_intersections))
@@ -129,10 +130,8 @@ class StaticStep:
     def peak_intersections(self) -> int:
         """The largest intersection count of a step of this frame: every training camera rendered once
         (forward only) at the frame's initial parameters; a step of B views counts the sum of its views'."""
-        from .stages import render
-
         act = self.stage.render_inputs()
-        counts = [int(render(act, self.views, [c], self.stage.config, densify=False).n_intersections)
+        counts = [int(self.render(act, self.views, [c], self.stage.config, densify=False).n_intersections)
                   for c in range(len(self.views.sizes))]
         return int(max(sum(counts[c] for c in cams) for cams in self.order_host))
 
@@ -184,14 +183,15 @@ def _eager(fn: Callable[[], None], device: torch.device) -> None:
     torch.cuda.current_stream(device).wait_stream(side)
 
 
-def optimise_static(stage, views, targets, order: list[list[int]], terms_on, weight_vectors: dict, log, bar) -> None:
+def optimise_static(stage, views, targets, order: list[list[int]], terms_on, weight_vectors: dict, log, bar, *,
+                    step_once: Callable, render: Callable) -> None:
     """Run the stage's steps as static steps (see the module docstring); fills `log.curves` and adds
     graph_captures, redone_blocks and intersection_capacity to the frame's stats."""
     device = stage.params["means"].device
     if torch.device(device).type == "cuda":
         for group in stage.optimizer.param_groups:
             group["capturable"] = True  # fused Adam: the same kernel, allowed inside a capture
-    runner = StaticStep(stage, views, targets, order, terms_on, weight_vectors, log)
+    runner = StaticStep(stage, views, targets, order, terms_on, weight_vectors, log, step_once=step_once, render=render)
     capacity = frame_capacity(runner.peak_intersections())
     overflow_col, count_col = 2 + len(log.names), 3 + len(log.names)
     replay, warm, captures, redone = None, WARMUP_STEPS, 0, 0

@@ -390,7 +390,8 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
     stage.extra_stats["_bar"] = bar
     weight_vectors: dict = {}
     if static:
-        capture.optimise_static(stage, views, targets, order, terms_on, weight_vectors, log, bar)
+        capture.optimise_static(stage, views, targets, order, terms_on, weight_vectors, log, bar, step_once=step_once,
+                                render=render)
         return log.curves
     for step in range(stage.steps):
         poison = fault_at(stage.t, step) == "nan"
