@@ -77,19 +77,15 @@ def render(act: dict[str, torch.Tensor], views: Views, index: list[int] | torch.
     rasterizer offers `outputs=` and `color_grad_channels=`, depth and alpha are not computed and the
     segmentation channels cost no colour-gradient work.
     """
-    if isinstance(index, torch.Tensor):
-        viewmats, Ks = views.viewmats.index_select(0, index), views.Ks.index_select(0, index)
-        backgrounds = views.background[None].expand(index.shape[0], -1)
-        W, H = views.sizes[0]
-    elif len(index) == 1:
+    on_device = isinstance(index, torch.Tensor)
+    if not on_device and len(index) == 1:
         c = index[0]
         viewmats, Ks, backgrounds = views.viewmats[c:c + 1], views.Ks[c:c + 1], views.background[None]
-        W, H = views.sizes[c]
     else:
-        rows = torch.tensor(index, device=views.viewmats.device)
+        rows = index if on_device else torch.tensor(index, device=views.viewmats.device)
         viewmats, Ks = views.viewmats.index_select(0, rows), views.Ks.index_select(0, rows)
-        backgrounds = views.background[None].expand(len(index), -1)
-        W, H = views.sizes[index[0]]
+        backgrounds = views.background[None].expand(rows.shape[0], -1)
+    W, H = views.sizes[0 if on_device else index[0]]
     extra = {} if max_intersections is None else {"max_intersections": max_intersections}
     keywords = _rasterize_keywords()
     if "outputs" in keywords:
@@ -342,8 +338,7 @@ def step_once(stage: Stage, views: Views, targets: FrameTargets, index: list[int
     """
     config = stage.config
     act = stage.render_inputs()
-    capacity = {} if max_intersections is None else {"max_intersections": max_intersections}
-    out = render(act, views, index, config, densify=stage.densify, **capacity)
+    out = render(act, views, index, config, densify=stage.densify, max_intersections=max_intersections)
     images, segs = targets.batch(index)
     ctx = StepContext(stage, act, out, index, images, segs)
     ctx.photometric()

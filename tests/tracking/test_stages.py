@@ -178,7 +178,7 @@ def test_gather_backward_is_csr_and_matches_index_add():
     assert torch.equal(grad, again)
 
 
-def _fake_render(act, views, index, config, *, densify):
+def _fake_render(act, views, index, config, *, densify, max_intersections=None):
     """A cheap differentiable stand-in for the rasterizer (its own costs are counted separately)."""
     W, H = views.sizes[index[0]]
     n = act["means"].shape[0]

@@ -64,7 +64,7 @@ class _FakeRasterize(torch.autograd.Function):
         return (*(grad.new_zeros(shape) for shape in ctx.inputs), None)
 
 
-def fake_render(act, views, index, config, *, densify):
+def fake_render(act, views, index, config, *, densify, max_intersections=None):
     W, H = views.sizes[index[0]]
     n = act["means"].shape[0]
 
