@@ -35,10 +35,16 @@ def _same_curves(a, b, n: int) -> None:
             assert np.array_equal(b.curves(t)[key], curve), (t, key)
 
 
-def test_static_steps_give_the_eager_fit(static_on_cpu, tiny_scene, tiny_run, tmp_path):
-    r = tracking.fit(tiny_scene, tmp_path / "static", tiny_config(cuda_graphs=True), **QUIET)
-    assert_same_frames(tmp_path / "static", tiny_run, 3)
+def _static_fit_matching_eager(tiny_scene, tiny_run, out):
+    """A 3-frame fit with cuda_graphs (static steps on CPU) into out, checked equal to the eager tiny_run."""
+    r = tracking.fit(tiny_scene, out, tiny_config(cuda_graphs=True), **QUIET)
+    assert_same_frames(out, tiny_run, 3)
     _same_curves(tracking.load(tiny_run), r, 3)
+    return r
+
+
+def test_static_steps_give_the_eager_fit(static_on_cpu, tiny_scene, tiny_run, tmp_path):
+    r = _static_fit_matching_eager(tiny_scene, tiny_run, tmp_path / "static")
     for t in (1, 2):
         stats = r.frame_stats(t)
         assert (stats["graph_captures"], stats["redone_blocks"]) == (1, 0), stats
@@ -51,9 +57,7 @@ def test_overflow_redoes_the_block_with_a_larger_capacity(static_on_cpu, tiny_sc
     # A capacity of 13 intersections (the tiny scene's steps have ~1,700): the frame's one block of 8 steps
     # (3 warm-up steps, a capture, 5 replays) overflows and is redone with a grown capacity.
     monkeypatch.setattr(capture.StaticStep, "peak_intersections", lambda self: 10)
-    r = tracking.fit(tiny_scene, tmp_path / "small", tiny_config(cuda_graphs=True), **QUIET)
-    assert_same_frames(tmp_path / "small", tiny_run, 3)
-    _same_curves(tracking.load(tiny_run), r, 3)
+    r = _static_fit_matching_eager(tiny_scene, tiny_run, tmp_path / "small")
     for t in (1, 2):
         stats = r.frame_stats(t)
         assert (stats["redone_blocks"], stats["graph_captures"]) == (1, 2), stats
