@@ -447,7 +447,7 @@ def _keeps_freed_memory() -> bool:
     """Whether `tritonsplat.cpu_memory.keep_freed_memory` is in effect (CPU timings depend on it)."""
     from tritonsplat import cpu_memory
 
-    return cpu_memory._applied
+    return cpu_memory.in_effect()
 
 
 def machine_info(device: torch.device | str) -> dict:
