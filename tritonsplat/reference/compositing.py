@@ -540,11 +540,13 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         pixel_terms.append(final_image * background_dot_k)
     pixel = _to_tiles(torch.cat(pixel_terms, dim=-1), grid)           # [B_all, P, D + 2 (+ 1)]
 
-    # Per-entry gradients, written once per entry (each list entry lies in exactly one chunk), then summed
-    # into the Gaussians' rows by one reduction: [E + 1, 2 mean + 3 conic + 1 opacity + D colour + 1 depth
-    # (+ 2 absgrad) (+ 2 densify)] float64.
+    # Per-entry sums, written once per entry (each list entry lies in exactly one chunk): the pixel moments
+    # of g_sigma (6), sum_p w (g_C, g_S) (D + 1), (absgrad 2), (densify head moments 6), float64. After the
+    # walk they become the entries' gradients at once, then are summed into the Gaussians' rows by one
+    # reduction: [2 mean + 3 conic + 1 opacity + D colour + 1 depth (+ 2 absgrad) (+ 2 densify)].
     records = ctx.records
     want_abs = options.absgrad
+    sums_width = 6 + n_channels + 1 + (2 if want_abs else 0) + (6 if k is not None else 0)
     width = 6 + n_channels + 1 + (2 if want_abs else 0) + (2 if k is not None else 0)
 
     pixels = _tile_grid(grid.size, device, dtype)
@@ -558,7 +560,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     # One row of entry gradients per walked chunk, each written exactly once (so no zero fill).
     walked_first = torch.cumsum(chunks_all, 0) - chunks_all
     n_walked = int(chunks_all.sum()) if n_sub_bins else 0
-    entry_grads = torch.empty(n_walked, k_entries, width, dtype=torch.float64, device=device)
+    entry_sums = torch.empty(n_walked, k_entries, sums_width, dtype=torch.float64, device=device)
     walked_rows = torch.repeat_interleave(records.first_chunk - walked_first, chunks_all) + torch.arange(
         n_walked, device=device)                                             # table chunk of each walked chunk
     # Most chunks first: within a batch the sub-tiles still walking at step s are then a prefix.
@@ -602,11 +604,20 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             current[active] = result.t_first
             if k is not None:
                 behind_k[active] += result.behind_k_add
-            parts = [result.grad_mean, result.grad_conic, result.grad_opacity[..., None], result.color_depth]
+            parts = [result.moments, result.color_depth]
             parts += [result.grad_abs] if want_abs else []
-            parts += [result.grad_mean_k] if k is not None else []
-            entry_grads.index_copy_(0, first_walked[active] + chunk,
-                                    torch.cat([part.to(torch.float64) for part in parts], dim=-1).flip(1))
+            parts += [result.moments_k] if k is not None else []
+            entry_sums.index_copy_(0, first_walked[active] + chunk,
+                                   torch.cat([part.to(torch.float64) for part in parts], dim=-1).flip(1))
+    geometry = _entries(records.table.index_select(0, walked_rows).reshape(-1, records.table.shape[-1]), None)
+    entry_sums = entry_sums.reshape(-1, sums_width)
+    grad_mean, grad_conic = _mean_and_conic_gradients(entry_sums[:, :6], geometry)
+    # g_o = sum G g_alpha = -sum g_sigma / o (o > 0 wherever g_sigma != 0).
+    safe_opacity = torch.where(geometry.opacity > 0, geometry.opacity, 1)
+    parts = [grad_mean, grad_conic, (-entry_sums[:, 0] / safe_opacity)[:, None], entry_sums[:, 6:6 + n_channels + 1]]
+    parts += [entry_sums[:, 7 + n_channels:9 + n_channels]] if want_abs else []
+    parts += [_mean_and_conic_gradients(entry_sums[:, -6:], geometry)[0]] if k is not None else []
+    entry_grads = torch.cat(parts, dim=-1)
     rows = n_cameras * n
     row_grads = torch.zeros(rows, width, dtype=torch.float64, device=device)
     # Padding entries carry zero gradients (alpha = 0): adding them to row 0 changes nothing.
@@ -647,14 +658,12 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
 
 
 class _BackwardChunk(NamedTuple):
-    grad_mean: torch.Tensor       # [A, K, 2] float64
-    grad_conic: torch.Tensor      # [A, K, 3] float64
-    grad_opacity: torch.Tensor    # [A, K]
+    moments: torch.Tensor         # [A, K, 6] float64 sum_pixels g_sigma (1, u, v, u^2, u v, v^2)
     color_depth: torch.Tensor     # [A, K, D + 1] sum_pixels w (g_C, g_S)
     t_first: torch.Tensor         # [A, P] T before the chunk's first entry
     behind_add: torch.Tensor      # [A, P] sum over the chunk of w q
     grad_abs: torch.Tensor | None       # [A, K, 2]
-    grad_mean_k: torch.Tensor | None    # [A, K, 2] float64, densify gradient (first k channels)
+    moments_k: torch.Tensor | None      # [A, K, 6] float64, the same for the densify head (first k channels)
     behind_k_add: torch.Tensor | None   # [A, P]
 
 
@@ -708,10 +717,6 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
 
     negative_grad_sigma, behind_add = exponent_gradient(values, terms, behind)
     moments = pixel_moments(negative_grad_sigma)
-    grad_mean, grad_conic = _mean_and_conic_gradients(moments, entries)
-    # g_o = sum G g_alpha = -sum g_sigma / o (o > 0 wherever g_sigma != 0).
-    safe_opacity = torch.where(entries.opacity > 0, entries.opacity, 1)
-    grad_opacity = -moments[..., 0] / safe_opacity
     color_depth = torch.bmm(terms_by_channel, weight.transpose(1, 2)).transpose(1, 2)   # [A, K, D + 1]
     grad_abs = None
     if want_abs:
@@ -720,16 +725,15 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
         pixel_x = negative_grad_sigma * (entries.half_a[..., None] * 2 * dx + entries.conic_b[..., None] * dy)
         pixel_y = negative_grad_sigma * (entries.conic_b[..., None] * dx + entries.half_c[..., None] * 2 * dy)
         grad_abs = torch.stack([pixel_x.abs().sum(-1), pixel_y.abs().sum(-1)], -1)
-    grad_mean_k = behind_k_add = None
+    moments_k = behind_k_add = None
     if k is not None:
         negative_grad_sigma_k, behind_k_add = exponent_gradient(values[..., :k], terms[..., :k], behind_k)
-        grad_mean_k = _mean_and_conic_gradients(pixel_moments(negative_grad_sigma_k), entries)[0]
-    return _BackwardChunk(grad_mean, grad_conic, grad_opacity, color_depth, before[:, -1], behind_add,
-                          grad_abs, grad_mean_k, behind_k_add)
+        moments_k = pixel_moments(negative_grad_sigma_k)
+    return _BackwardChunk(moments, color_depth, before[:, -1], behind_add, grad_abs, moments_k, behind_k_add)
 
 
 def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
-    """g_mean [A, K, 2] and g_conic [A, K, 3] (float64) from the pixel moments, with dx = m_x - u."""
+    """g_mean [..., 2] and g_conic [..., 3] (float64) from the pixel moments [..., 6], with dx = m_x - u."""
     s0, su, sv, suu, suv, svv = moments.unbind(-1)
     mx, my = entries.mean_x.to(torch.float64), entries.mean_y.to(torch.float64)
     sdx = mx * s0 - su

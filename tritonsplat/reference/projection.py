@@ -182,20 +182,21 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
     z = torch.where(in_depth_range, pz, torch.ones_like(pz))
 
     cov3d = covariance_from_upper(covars) if covars is not None else covariance_3d(quats, scales)
-    cov_cam = rotation[:, None] @ cov3d[None] @ rotation[:, None].transpose(-1, -2)   # [C, N, 3, 3]
 
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
     limits = clamp_limits[:, None, :]
     tx = z * torch.clamp(px / z, min=limits[..., 0], max=limits[..., 1])
     ty = z * torch.clamp(py / z, min=limits[..., 2], max=limits[..., 3])
-    zeros = torch.zeros_like(z)
-    jacobian = torch.stack([fx / z, zeros, -fx * tx / (z * z),
-                            zeros, fy / z, -fy * ty / (z * z)], dim=-1).reshape(*z.shape, 2, 3)
-    cov2d = jacobian @ cov_cam @ jacobian.transpose(-1, -2)
-    a = cov2d[..., 0, 0] + settings.eps2d
-    b = cov2d[..., 0, 1]
-    c = cov2d[..., 1, 1] + settings.eps2d
+    # Sigma_2D = J W Sigma W^T J^T (3DGS Eq. 5) with the rows of T = J W formed directly (J has two zeros),
+    # then t_i^T Sigma t_j: broadcast products over [C, N, 3, 3] instead of four batched 3x3 matmuls, which
+    # cost 7 ms a call at 50k Gaussians on the CPU (AMD EPYC, torch 2.13, 1 thread).
+    row_x = (fx / z)[..., None] * rotation[:, None, 0] - (fx * tx / (z * z))[..., None] * rotation[:, None, 2]
+    row_y = (fy / z)[..., None] * rotation[:, None, 1] - (fy * ty / (z * z))[..., None] * rotation[:, None, 2]
+    sigma_x = (cov3d[None] * row_x[..., None, :]).sum(-1)                                  # Sigma t_x: [C, N, 3]
+    a = (sigma_x * row_x).sum(-1) + settings.eps2d
+    b = (sigma_x * row_y).sum(-1)
+    c = ((cov3d[None] * row_y[..., None, :]).sum(-1) * row_y).sum(-1) + settings.eps2d
     det = a * c - b * b
     means2d = torch.stack([fx * px / z + cx, fy * py / z + cy], dim=-1)
 
