@@ -172,7 +172,7 @@ def _records(flat: _Inputs, sorted_ids, layout, sub_tile: int, k_entries: int) -
     rows[slot] = row
     indefinite = bool(((conics[:, 0] < 0) | (conics[:, 2] < 0) | (conics[:, 0] * conics[:, 2] < conics[:, 1] ** 2)
                        ).any()) if row.numel() else False
-    return _Records(table.reshape(total, k_entries, -1), index.reshape(total, k_entries),
+    return _Records(table.reshape(total, k_entries, columns.shape[1]), index.reshape(total, k_entries),
                     rows.reshape(total, k_entries), first_chunk, n_chunks, indefinite)
 
 
