@@ -141,11 +141,12 @@ def _records(flat: _Inputs, sorted_ids, layout, sub_tile: int, k_entries: int) -
     device, dtype = flat.means.device, flat.means.dtype
     sizes = layout.end - layout.start
     bin_of_entry = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
-    row = sorted_ids[layout.entry_index].to(torch.int64)
-    means, conics = flat.means[row], flat.conics[row]
-    opacity = flat.opacities[row % flat.n_gaussians]
-    mean_x = means[:, 0] - (layout.origin_x[bin_of_entry] + sub_tile / 2)
-    mean_y = means[:, 1] - (layout.origin_y[bin_of_entry] + sub_tile / 2)
+    # index_select rather than x[index]: 3-6x faster for row gathers on the CPU (AMD EPYC, torch 2.13).
+    row = sorted_ids.index_select(0, layout.entry_index).to(torch.int64)
+    means, conics = flat.means.index_select(0, row), flat.conics.index_select(0, row)
+    opacity = flat.opacities.index_select(0, row % flat.n_gaussians)
+    mean_x = means[:, 0] - (layout.origin_x + sub_tile / 2).index_select(0, bin_of_entry)
+    mean_y = means[:, 1] - (layout.origin_y + sub_tile / 2).index_select(0, bin_of_entry)
     # sigma = a/2 (mx - u)^2 + b (mx - u)(my - v) + c/2 (my - v)^2, expanded in (u, v) so that the exponent
     # of every (entry, pixel) pair of a chunk is one matrix product; coefficients formed in float64.
     mx, my = mean_x.double(), mean_y.double()
@@ -157,19 +158,26 @@ def _records(flat: _Inputs, sorted_ids, layout, sub_tile: int, k_entries: int) -
     columns = torch.cat([exponent.to(dtype),
                          torch.stack([mean_x, mean_y, 0.5 * conics[:, 0], conics[:, 1], 0.5 * conics[:, 2], opacity],
                                      dim=1),
-                         _entry_colors(flat, row), flat.depths[row][:, None],
+                         _entry_colors(flat, row), flat.depths.index_select(0, row)[:, None],
                          torch.ones_like(row, dtype=dtype)[:, None]], dim=1)
     n_chunks = torch.div(sizes + k_entries - 1, k_entries, rounding_mode="floor")
     first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
     total = int(n_chunks.sum()) if n_chunks.numel() else 0
-    slot = (first_chunk * k_entries - layout.start)[bin_of_entry] + torch.arange(row.numel(), device=device)
-    table = torch.zeros(total * k_entries, columns.shape[1], device=device, dtype=dtype)
-    table[:, 0] = -math.inf
-    table[slot] = columns
-    index = torch.full((total * k_entries,), -1, device=device, dtype=torch.int64)
-    index[slot] = layout.entry_index
-    rows = torch.zeros(total * k_entries, device=device, dtype=torch.int64)
-    rows[slot] = row
+    slot = (first_chunk * k_entries - layout.start).index_select(0, bin_of_entry) + torch.arange(
+        row.numel(), device=device)
+    # Only the padding slots (at most K - 1 per list) are filled; the entries are copied in.
+    pad_counts = n_chunks * k_entries - sizes
+    pad_first = first_chunk * k_entries + sizes - (pad_counts.cumsum(0) - pad_counts)
+    pad = torch.repeat_interleave(pad_first, pad_counts) + torch.arange(
+        int(pad_counts.sum()) if pad_counts.numel() else 0, device=device)
+    padding = torch.zeros(1, columns.shape[1], device=device, dtype=dtype)
+    padding[0, 0] = -math.inf
+    table = torch.empty(total * k_entries, columns.shape[1], device=device, dtype=dtype)
+    table.index_copy_(0, slot, columns).index_copy_(0, pad, padding.expand(pad.numel(), -1))
+    index = torch.empty(total * k_entries, device=device, dtype=torch.int64)
+    index.index_copy_(0, slot, layout.entry_index).index_fill_(0, pad, -1)
+    rows = torch.empty(total * k_entries, device=device, dtype=torch.int64)
+    rows.index_copy_(0, slot, row).index_fill_(0, pad, 0)
     indefinite = bool(((conics[:, 0] < 0) | (conics[:, 2] < 0) | (conics[:, 0] * conics[:, 2] < conics[:, 1] ** 2)
                        ).any()) if row.numel() else False
     return _Records(table.reshape(total, k_entries, columns.shape[1]), index.reshape(total, k_entries),
@@ -308,16 +316,17 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
     for first in range(0, position.numel(), FILTER_PIECE):
         piece = slice(first, first + FILTER_PIECE)
         tile_bin, pos = bin_of_entry[piece], position[piece]
-        row = sorted_ids[pos].to(torch.int64)
+        row = sorted_ids.index_select(0, pos).to(torch.int64)
         camera = torch.div(tile_bin, settings.n_tiles, rounding_mode="floor")
         tile = tile_bin % settings.n_tiles
         x0 = (tile % settings.tiles_x * ts)[:, None] + local_x                        # [e, S2] int
         y0 = (torch.div(tile, settings.tiles_x, rounding_mode="floor") * ts)[:, None] + local_y
         x_range = ((x0 + 0.5).to(dtype), (torch.clamp_max(x0 + s, settings.width) - 0.5).to(dtype))
         y_range = ((y0 + 0.5).to(dtype), (torch.clamp_max(y0 + s, settings.height) - 0.5).to(dtype))
-        q_min = min_quadratic_on_rectangles(flat.conics[row][:, None, :], flat.means[row][:, None, :],
+        q_min = min_quadratic_on_rectangles(flat.conics.index_select(0, row)[:, None, :],
+                                            flat.means.index_select(0, row)[:, None, :],
                                             x_range, y_range)
-        hit = (q_min <= ellipse_levels(flat.opacities[row % flat.n_gaussians])[:, None])
+        hit = (q_min <= ellipse_levels(flat.opacities.index_select(0, row % flat.n_gaussians))[:, None])
         hit &= (x0 < settings.width) & (y0 < settings.height)
         entry, sub = torch.nonzero(hit, as_tuple=True)
         sub_x = torch.div(x0[entry, sub], s, rounding_mode="floor")
@@ -371,7 +380,7 @@ def _to_image(tiles: torch.Tensor, n_cameras: int, grid: _Grid, settings: Render
 
 
 def _entry_colors(flat: _Inputs, row: torch.Tensor) -> torch.Tensor:
-    return flat.colors[row % flat.n_gaussians] if flat.shared_colors else flat.colors[row]
+    return flat.colors.index_select(0, row % flat.n_gaussians if flat.shared_colors else row)
 
 
 class _ForwardResult(NamedTuple):
