@@ -23,10 +23,10 @@ Speed: the time is the number of passes over the [A, K, P] temporaries, so each 
 exponent of every pair is one matrix product of per-entry coefficients with a pixel basis, alpha is
 exp2 of it; products with colours and pixel sums are batched matrix products laid out so that the
 pairs are the contiguous operand; the last blended index comes from a count, not an argmin; masks are
-0/1 factors. Forward 11 passes, backward 20 (+ 6 for the densify head). Measured on a 2-core CPU
-(AMD EPYC, torch 2.13, 1 thread, load ~3), forward + backward of the whole torch pipeline on the
-basketball early-fit scene (8,441 Gaussians, 160x90, D = 6): 129 ms of CPU before these changes,
-74 ms after.
+0/1 factors. Forward 13 passes (33 before), backward 23 (+ 7 for the densify head; ~60 before). On a
+2-core CPU (AMD EPYC, torch 2.13, 1 thread, load ~3), forward + backward of the whole torch pipeline
+on the basketball early-fit scene (8,441 Gaussians, 160x90, D = 6): 129 ms of CPU before these
+changes, 74 ms after.
 
 Memory: tiles are processed in batches (`tile_batch`), so the temporaries are O(tile_batch x K x P)
 whatever the image size; the outputs and saved state are O(pixels), nothing is O(pixels x Gaussians).
