@@ -23,7 +23,7 @@ Speed: the time is the number of passes over the [A, K, P] temporaries, so each 
 exponent of every pair is one matrix product of per-entry coefficients with a pixel basis, alpha is
 exp2 of it; products with colours and pixel sums are batched matrix products laid out so that the
 pairs are the contiguous operand; the last blended index comes from a count, not an argmin; masks are
-0/1 factors. Forward 13 passes (33 before), backward 23 (+ 7 for the densify head; ~60 before). On a
+0/1 factors. Forward 13 passes (33 before), backward 22 (+ 7 for the densify head; ~60 before). On a
 2-core CPU (AMD EPYC, torch 2.13, 1 thread, load ~3), forward + backward of the whole torch pipeline
 on the basketball early-fit scene (8,441 Gaussians, 160x90, D = 6): 129 ms of CPU before these
 changes, 74 ms after.
@@ -604,7 +604,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         bins, first_chunk, first_walked = layout.bins[batch], records.first_chunk[batch], walked_first[batch]
         n_chunks = chunks_all[batch]
         counts = torch.bincount(n_chunks, minlength=int(n_chunks[0]) + 1 if n_chunks.numel() else 1).tolist()
-        last = last_tiles[bins].to(position_dtype)                            # [T, P]
+        last_next = last_tiles[bins].to(position_dtype) + 1                   # [T, P] last blended + 1
         tile_pixel = pixel[bins]
         terms = tile_pixel[..., :n_colors_depth].contiguous()                 # [T, P, D + 1] (g_C, g_S)
         terms_by_channel = terms.transpose(1, 2).contiguous()                 # [T, D + 1, P]
@@ -628,7 +628,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             entries = _entries(block, records.index.index_select(0, chunk_ids).flip(1))
             result = _backward_chunk(
                 block[..., EXPONENT], entries, entries.index.to(position_dtype),
-                block[..., VALUES:-1].contiguous(), last[active], current[active], behind[active],
+                block[..., VALUES:-1].contiguous(), last_next[active], current[active], behind[active],
                 None if k is None else behind_k[active], terms[active], terms_by_channel[active], pixels,
                 settings.alpha_cap, records.indefinite, k, want_abs)
             behind[active] += result.behind_add
@@ -702,7 +702,7 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
                     entries: _Entries,
                     entry_position,  # [A, K] entries.index as floats (exact: see _backward)
                     values,        # [A, K, D + 1] colour, depth
-                    last,          # [A, P] last blended sorted position, as floats
+                    last_next,     # [A, P] last blended sorted position + 1, as floats
                     t_after,       # [A, P] T after the chunk
                     behind,        # [A, P] background term + sum_{j after the chunk} w_j q_j
                     behind_k,      # [A, P] or None, the same over the first k channels
@@ -720,7 +720,7 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
     alpha = _chunk_alpha(exponent, entries, grid, alpha_cap, indefinite)
     # Blended entries only (position <= last): a 0/1 factor from float arithmetic, 0.34 ns per pair against
     # 2.9 for an integer comparison and masked_fill_ (AMD EPYC, torch 2.13, 1 thread).
-    alpha.mul_((last[:, None, :] - entry_position[..., None]).add_(1).clamp_(0, 1))
+    alpha.mul_((last_next[:, None, :] - entry_position[..., None]).clamp_(0, 1))
     one_minus_alpha = 1 - alpha
     reverse = torch.cumprod(one_minus_alpha, dim=1)                          # prod_{j >= i} (1 - alpha_j)
     before = torch.div(t_after[:, None, :], reverse, out=reverse)            # T_i
