@@ -347,6 +347,12 @@ def lambda_in_data_units(lambda_per_m2: float, metres_per_unit: float) -> float:
     return float(lambda_per_m2 * metres_per_unit**2)
 
 
+def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean of -p log p - (1 - p) log(1 - p) over p in (0, 1) (clamped to [eps, 1 - eps])."""
+    p = p.clamp(eps, 1 - eps)
+    return -(p * torch.log(p) + (1 - p) * torch.log1p(-p)).mean()
+
+
 def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
@@ -364,12 +370,15 @@ class Term:
     compute: value from a step context (`tracking.stages.StepContext`), or None where it does not
         apply this step (no masks, no floor, no neighbours).
     prior: an ablation may switch it off through `TrackingConfig.priors`.
+    optional: a term that none of the presets of the original uses; it has a curve only in the runs where
+        it is active (`term_names` with a config), so that the curves of every other run stay as they were.
     """
 
     name: str
     stages: tuple[str, ...]
     compute: Callable[[Any], torch.Tensor | None]
     prior: bool = False
+    optional: bool = False
 
     def weight(self, config) -> float:
         return float(getattr(config.weights, self.name))
@@ -388,12 +397,15 @@ TERMS: tuple[Term, ...] = (
     Term("floor", (NEXT,), lambda ctx: ctx.floor()),
     Term("bg", (NEXT,), lambda ctx: ctx.background(), prior=True),
     Term("colour", (NEXT,), lambda ctx: ctx.colour()),
+    Term("opacity_entropy", (FIRST,), lambda ctx: ctx.opacity_entropy(), optional=True),
 )
 
 
-def term_names(stage: str | None = None) -> tuple[str, ...]:
-    """Names of the terms of a stage (every term when stage is None), in TERMS order."""
-    return tuple(t.name for t in TERMS if stage is None or stage in t.stages)
+def term_names(stage: str | None = None, config=None) -> tuple[str, ...]:
+    """Names of the terms of a stage (every term when stage is None), in TERMS order; optional terms only
+    where they are active under `config` (never without one)."""
+    return tuple(t.name for t in TERMS if (stage is None or stage in t.stages)
+                 and (not t.optional or (config is not None and stage is not None and t.active(config, stage))))
 
 
 def total_loss(terms: dict[str, torch.Tensor], config) -> torch.Tensor:

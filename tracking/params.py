@@ -156,3 +156,92 @@ def activated(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def foreground_mask(params: dict[str, torch.Tensor], threshold: float = 0.5) -> torch.Tensor:
     """bool [N]: seg red channel > threshold (the original's `seg_colors[:, 0] > 0.5`)."""
     return params["seg"][:, 0].detach() > threshold
+
+
+def max_sampling_rate(means: torch.Tensor, cameras, near: float, margin: float = 0.15) -> torch.Tensor:
+    """[N] nu: the highest sampling rate f / z (pixels per data unit) over the cameras that see each mean
+    (z > near, inside the image grown by `margin` of its size on each side: Mip-Splatting's test); 0 where
+    no camera does. `cameras`: data_tools.Camera-like (K, w2c, width, height)."""
+    x = means.detach()
+    nu = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for cam in cameras:
+        w2c = torch.as_tensor(cam.w2c, dtype=x.dtype, device=x.device)
+        K = torch.as_tensor(cam.K, dtype=x.dtype, device=x.device)
+        xc = x @ w2c[:3, :3].T + w2c[:3, 3]
+        z = xc[:, 2]
+        zc = z.clamp_min(near)
+        u = K[0, 0] * xc[:, 0] / zc + K[0, 2]
+        v = K[1, 1] * xc[:, 1] / zc + K[1, 2]
+        seen = ((z > near) & (u >= -margin * cam.width) & (u <= (1 + margin) * cam.width)
+                & (v >= -margin * cam.height) & (v <= (1 + margin) * cam.height))
+        nu = torch.where(seen, torch.maximum(nu, 0.5 * (K[0, 0] + K[1, 1]) / zc), nu)
+    return nu
+
+
+class ScaleShaping:
+    """The t = 0 Gaussians as rendered when TrackingConfig.isotropic or filter_3d is on (`shaped`), and the
+    same Gaussians baked into plain parameters after t = 0 (`bake`), so that every later frame, the readout
+    and the renders see exactly what t = 0 fitted.
+
+    The 3D filter (Mip-Splatting, Yu et al., CVPR 2024, Sec. 5.1): Sigma' = Sigma + filter_3d / nu^2 I, with nu
+    the Gaussian's highest sampling rate over the training cameras (`max_sampling_rate`), recomputed
+    (without gradient) every `every` renders and whenever the Gaussian count changes; R (S^2 + f^2 I) R^T keeps
+    the rotation, so the scales become sqrt(s^2 + f^2). The opacity is multiplied by
+    sqrt(det Sigma / det Sigma') (filter_3d_opacity).
+    """
+
+    def __init__(self, config: TrackingConfig, cameras, every: int = 100):
+        self.config, self.cameras, self.every = config, list(cameras), every
+        self._var: torch.Tensor | None = None
+        self._calls = 0
+
+    @staticmethod
+    def wanted(config: TrackingConfig) -> bool:
+        return config.isotropic or config.filter_3d > 0
+
+    def filter_variance(self, means: torch.Tensor) -> torch.Tensor | None:
+        """[N, 1] the filter's variance (data units squared), or None when filter_3d is 0."""
+        if self.config.filter_3d <= 0:
+            return None
+        if self._var is None or self._var.shape[0] != means.shape[0] or self._calls % self.every == 0:
+            nu = max_sampling_rate(means, self.cameras, self.config.near / self.config.metres_per_unit)
+            # A Gaussian no camera sees gets the coarsest rate of those seen (Mip-Splatting: the largest depth).
+            seen = nu > 0
+            floor = nu[seen].min() if bool(seen.any()) else nu.new_tensor(1.0)
+            self._var = (self.config.filter_3d / torch.where(seen, nu, floor) ** 2)[:, None]
+        return self._var
+
+    def log_scales_and_opacities(self, log_scales: torch.Tensor, logit_opacities: torch.Tensor,
+                                 means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales [N, 3], opacities [N]) as rendered."""
+        if self.config.isotropic:
+            log_scales = log_scales.mean(1, keepdim=True).expand(-1, 3)
+        opacities = torch.sigmoid(logit_opacities).squeeze(-1)
+        var = self.filter_variance(means)
+        if var is None:
+            return torch.exp(log_scales), opacities
+        s2 = torch.exp(2 * log_scales)
+        s2f = s2 + var
+        if self.config.filter_3d_opacity:
+            opacities = opacities * torch.sqrt((s2 / s2f).prod(1))
+        return torch.sqrt(s2f), opacities
+
+    def shaped(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`activated(params)` with the shaping applied."""
+        self._calls += 1
+        act = activated(params)
+        act["scales"], act["opacities"] = self.log_scales_and_opacities(
+            params["log_scales"], params["logit_opacities"], params["means"])
+        return act
+
+    def bake(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plain parameters (CPU tensors) rendering as `shaped` does: log_scales and logit_opacities replaced."""
+        self._var = None  # the filter of the final means
+        with torch.no_grad():
+            scales, opacities = self.log_scales_and_opacities(params["log_scales"], params["logit_opacities"],
+                                                              params["means"])
+        out = dict(params)
+        out["log_scales"] = torch.log(scales).contiguous()
+        o = opacities.clamp(1e-7, 1 - 1e-7)
+        out["logit_opacities"] = torch.log(o / (1 - o))[:, None].to(params["logit_opacities"].dtype)
+        return out

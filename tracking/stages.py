@@ -33,7 +33,7 @@ from . import losses as L
 from .config import TrackingConfig
 from .distributed import SINGLE, World, average_gradients, check_in_sync, gather_views, rank_cameras
 from .errors import NaNLossError, TrackingError, fault_at
-from .params import activated, fused_step, init_params, learning_rates, make_optimizer
+from .params import ScaleShaping, activated, fused_step, init_params, learning_rates, make_optimizer
 from .quaternions import quat_normalize
 from .store import FrameRecord, RunRecord
 from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
@@ -151,6 +151,10 @@ class StepContext:
             self._photometric = terms
             self.rgb = rgb.detach()
         return self._photometric
+
+    def opacity_entropy(self) -> torch.Tensor:
+        """Binary entropy of the rendered opacities (LossWeights.opacity_entropy)."""
+        return L.binary_entropy(self.act["opacities"])
 
     def fg_means(self) -> torch.Tensor:
         if self._fg_means is None:
@@ -380,7 +384,7 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
             capture.warn_eager(reason)
             static = False
     rows = min(config.log_every, stage.steps)
-    log = ScalarLog(L.term_names(stage.name), rows, device, stage.t, capture.EXTRA_COLUMNS if static else ())
+    log = ScalarLog(L.term_names(stage.name, config), rows, device, stage.t, capture.EXTRA_COLUMNS if static else ())
     bar = _Progress(progress, echo, stage.t, n_frames, stage.steps)
     stage.extra_stats["_bar"] = bar
     weight_vectors: dict = {}
@@ -499,12 +503,16 @@ def fit_first_frame(seq, points: np.ndarray, config: TrackingConfig, scene_radiu
         except AllGaussiansPrunedError as exc:
             raise TrackingError(str(exc)) from None
 
-    stage = Stage(L.FIRST, 0, config.steps_first, config, params, optimizer, lambda: activated(params),
+    shaping = ScaleShaping(config, cams, every=config.densify.every) if ScaleShaping.wanted(config) else None
+    render_inputs = (lambda: shaping.shaped(params)) if shaping is not None else (lambda: activated(params))
+    stage = Stage(L.FIRST, 0, config.steps_first, config, params, optimizer, render_inputs,
                   lambda: (params["cam_m"], params["cam_c"]), densify=True, after_step=after_step, generator=gen,
                   world=world)
     curves = optimise(stage, views, targets, order, n_frames=seq.n_frames, progress=progress, echo=echo)
     _, record = _finish(stage, curves, time.perf_counter() - t0, seq, params["means"].shape[0])
     final = {k: v.detach().cpu() for k, v in params.items()}
+    if shaping is not None:
+        final = shaping.bake(final)
     return final, record, dstate.history
 
 

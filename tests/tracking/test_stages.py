@@ -16,7 +16,7 @@ import torch
 import tracking
 from tracking import losses as L
 from tracking import stages
-from tracking.config import PRESETS, TrackingConfig
+from tracking.config import PRESETS, LossWeights, TrackingConfig
 from tracking.errors import NaNLossError
 from tracking.fit import _describe_mismatch
 from tracking.store import completed_frames
@@ -29,7 +29,7 @@ QUIET = {"progress": False, "echo": lambda s: None}
 CPU_EAGER_LAUNCHES = 700  # aten ops per t > 0 step on the CPU torch path, besides the rasterizer
 # Fields added to TrackingConfig after runs were first written (an old run.h5 lacks them).
 NEW_FIELDS = ("priors", "velocity_init", "freeze_after_first", "cameras_per_step", "lr_batch_scaling", "log_every",
-              "cuda_graphs")
+              "cuda_graphs", "isotropic", "filter_3d", "filter_3d_opacity")
 
 
 def test_terms_table_drives_curves_and_stages():
@@ -41,6 +41,11 @@ def test_terms_table_drives_curves_and_stages():
     cfg = TrackingConfig(priors=("rigid",))
     active = {t.name for t in L.TERMS if t.active(cfg, L.NEXT)}
     assert active == {"im", "seg", "rigid", "floor"}  # colour: weight 0 in the original; rot/iso/bg: ablated
+    # An optional term has a curve only where it is on: every other run keeps its curves.
+    entropy = TrackingConfig(weights=LossWeights(opacity_entropy=0.1))
+    assert L.term_names(L.FIRST, TrackingConfig()) == ("im", "seg")
+    assert L.term_names(L.FIRST, entropy) == ("im", "seg", "opacity_entropy")
+    assert L.term_names(L.NEXT, entropy) == L.term_names(L.NEXT)
 
 
 def test_presets():
@@ -69,6 +74,7 @@ def test_missing_stored_keys_compare_equal_to_defaults():
         old.pop(key, None)
     old["lr"].pop("rgb_next")
     old["densify"].pop("grad_threshold_width")
+    old["weights"].pop("opacity_entropy")
     old["moved_to_elsewhere"] = 1  # a field no longer in the identity is ignored
     assert _describe_mismatch(old, new, defaults) == []
     assert _describe_mismatch(old, TrackingConfig(seed=3, velocity_init=False).identity(), defaults) == [
@@ -83,12 +89,14 @@ def _strip_new_keys(out):
             cfg.pop(key, None)
         cfg["lr"].pop("rgb_next", None)
         cfg["densify"].pop("grad_threshold_width", None)
+        cfg["weights"].pop("opacity_entropy", None)
         f.attrs["config"] = json.dumps(cfg, sort_keys=True)
     meta = json.loads((out / "config.json").read_text())
     for key in NEW_FIELDS:
         meta["config"].pop(key, None)
     meta["config"]["lr"].pop("rgb_next", None)
     meta["config"]["densify"].pop("grad_threshold_width", None)
+    meta["config"]["weights"].pop("opacity_entropy", None)
     (out / "config.json").write_text(json.dumps(meta))
 
 
@@ -261,3 +269,13 @@ def test_compressed_schedules_keep_refinement_windows():
         assert d.every >= 10 and d.start >= d.every, (factor, d)
         assert d.opacity_reset_at == 0 or d.stop - d.opacity_reset_at >= 5 * d.every, (factor, d)
     assert TrackingConfig().scaled_steps(0.5).densify.opacity_reset_at == 1500
+
+
+def test_shaped_first_frame_is_baked_into_what_later_frames_and_the_readout_see(tiny_scene, tmp_path):
+    cfg = tiny_config(isotropic=True, filter_3d=0.2, weights=LossWeights(opacity_entropy=0.1), steps_first=12)
+    r = tracking.fit(tiny_scene, tmp_path / "shaped", cfg, **QUIET)
+    # Isotropic Gaussians widened by the same filter on each axis stay isotropic once baked.
+    assert torch.allclose(r.scales, r.scales[:, :1].expand(-1, 3), rtol=1e-5)
+    assert "opacity_entropy" in r.curves(0) and "opacity_entropy" not in r.curves(1)
+    assert float(np.abs(r.curves(0)["opacity_entropy"]).min()) > 0
+    assert r.n_frames == 3 and np.isfinite(r.curves(2)["loss"]).all()
