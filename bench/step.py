@@ -393,11 +393,13 @@ class TrackingStepParts:
 
     def rigidity_losses(self) -> None:
         L, act, r = self.losses, self.held["act"], self.rig
-        fg = act["means"][self.fg_idx]
-        terms = L.rigidity_losses_fast(fg, act["quats"][self.fg_idx], r["prev_means"], self.prev_quats, r["indices"],
-                                       r["weights"], r["initial_distances"], prev_offsets=self.prev_offsets)
+        fg = act["means"].index_select(0, self.fg_idx)   # as tracking.stages.StepContext gathers them
+        terms = L.rigidity_losses_fast(fg, act["quats"].index_select(0, self.fg_idx), r["prev_means"], self.prev_quats,
+                                       r["indices"], r["weights"], r["initial_distances"],
+                                       prev_offsets=self.prev_offsets)
         total = 4 * terms["rigid"] + 4 * terms["rot"] + 2 * terms["iso"] + 2 * L.floor_loss(fg, 0.0)
-        total = total + 20 * L.background_loss(act["means"][self.bg_idx], act["quats"][self.bg_idx], *self.init_bg)
+        total = total + 20 * L.background_loss(act["means"].index_select(0, self.bg_idx),
+                                               act["quats"].index_select(0, self.bg_idx), *self.init_bg)
         total.backward(retain_graph=True)
 
     def render_backward(self) -> None:

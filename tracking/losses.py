@@ -413,11 +413,14 @@ def _minus_entries_first(prev_offsets: torch.Tensor) -> torch.Tensor:
 class _RigidityFamily(torch.autograd.Function):
     """The rigidity family from the foreground means [N, 3] and normalised quaternions [N, 4] in one
     Function (the eager path of `rigidity_losses`): the relative rotations, the neighbour gather, the
-    three terms (`_RigidityCore`) and all their gradients written out. Each entry's value is computed
-    as `_rigidity` with `_rigidity_terms` computes it; only the means sum the entries in another order.
+    three terms (`_RigidityCore`) and all their gradients written out. The values are `_rigidity`'s with
+    `_rigidity_terms` (autograd) up to float32 rounding: the same formulas, some products fused (addcmul)
+    and the means summed in another order (tests/tracking/test_losses.py).
 
-    The means and relative rotations travel as one [7, N] table, so the gather is one index_select and
-    its backward one fixed-order sum (`_scatter_columns`).
+    The relative rotations are rel = A q with A [4, 4, N] the per-frame matrix of right multiplication by
+    conj(q_t-1) (`_right_product_matrix`), so their gradient is A^T; the means and relative rotations
+    travel as one [7, N] table, so the gather is one index_select and its backward one fixed-order sum
+    (`_scatter_columns`).
     """
 
     @staticmethod
