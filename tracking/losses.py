@@ -430,7 +430,7 @@ class _RigidityFamily(torch.autograd.Function):
         R, n, norm = _rotation_rows(rel)
         V = torch.cat([means.t(), rel])  # [7, N]
         k, m = layout.weights.shape
-        D = V.index_select(1, layout.index).view(7, k, m) - V[:, None]
+        D = V.index_select(1, layout.index).view(7, k, m).sub_(V[:, None])
         values, saved = _RigidityCore.forward(R, D, minus_prev_offsets, layout.weights, layout.initial_distances)
         ctx.saved = saved, n, norm, A, layout
         return values

@@ -99,14 +99,15 @@ class _L1DSSIM(torch.autograd.Function):
         torch.mul(a, b, out=stack[:, 4 * C:])
         mu_a, mu_b, A1, A2, B1, B2 = _ssim_terms(a, b, stack=stack)
         S = (A1 * A2) / (B1 * B2)
-        loss = (1.0 - ssim_weight) * (a - b).abs().mean() + ssim_weight * (1.0 - S.mean())
-        ctx.save_for_backward(a, b, mu_a, mu_b, A1, A2, B1, B2, S)
+        diff = a - b
+        loss = (1.0 - ssim_weight) * diff.abs().mean() + ssim_weight * (1.0 - S.mean())
+        ctx.save_for_backward(a, b, diff, mu_a, mu_b, A1, A2, B1, B2, S)
         ctx.ssim_weight = ssim_weight
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        a, b, mu_a, mu_b, A1, A2, B1, B2, S = ctx.saved_tensors
+        a, b, diff, mu_a, mu_b, A1, A2, B1, B2, S = ctx.saved_tensors
         s, n = ctx.ssim_weight, a.numel()
         B, C, H, W = a.shape
         g_ssim = grad_loss * (-s / n)
@@ -118,7 +119,7 @@ class _L1DSSIM(torch.autograd.Function):
         torch.mul(t, A1, out=partials[:, 2 * C:])
         blur_mu, blur_aa, blur_ab = _blur(partials).reshape(B, 3, C, H, W).unbind(1)
         grad = torch.addcmul(blur_mu, a, blur_aa, value=2).addcmul_(b, blur_ab)
-        return grad.addcmul_(torch.sign(a - b), grad_loss * ((1.0 - s) / n)), None, None
+        return grad.addcmul_(torch.sign(diff), grad_loss * ((1.0 - s) / n)), None, None
 
 
 def _check(name: str, render: torch.Tensor, target: torch.Tensor) -> None:
