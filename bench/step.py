@@ -331,7 +331,7 @@ class _OpCounter:
 
 class TrackingStepParts:
     """A t > 0 Dynamic 3D Gaussians step on a scene, split into the parts of STEP_PARTS, through the
-    tracking package's own code (`tracking.stages.render`, `losses.image_loss`, the rigidity, floor,
+    tracking package's own code (`tracking.stages.render`, `losses.image_losses`, the rigidity, floor,
     background and colour terms, Adam). All Gaussians with even index are foreground."""
 
     def __init__(self, scene: SceneInputs, backend: str):
@@ -385,8 +385,9 @@ class TrackingStepParts:
         colors = self.held["out"].colors.detach().requires_grad_(True)
         L = self.losses
         s = self.config.weights.ssim
-        im = L.image_loss(colors[..., :3].permute(0, 3, 1, 2), self.image, s, backend=self.config.backend)
-        seg = L.image_loss(colors[..., 3:].permute(0, 3, 1, 2), self.seg_target, s, backend=self.config.backend)
+        im, seg = L.image_losses([(colors[..., :3].permute(0, 3, 1, 2), self.image),
+                                  (colors[..., 3:].permute(0, 3, 1, 2), self.seg_target)], s,
+                                 backend=self.config.backend)   # as tracking.stages.StepContext.photometric
         (im + 3 * seg).backward()
         self.held["colors_grad"] = colors.grad
         torch.stack([im.detach(), seg.detach()], out=self.buffer[:2])

@@ -20,6 +20,7 @@ import torch
 from tritonsplat.reference.ssim import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, ssim_map  # noqa: F401
 from tritonsplat.reference.ssim import gaussian_window_1d as _gaussian_window_1d  # noqa: F401
 from tritonsplat.reference.ssim import l1_dssim_loss as _reference_l1_dssim_loss
+from tritonsplat.reference.ssim import l1_dssim_losses as _reference_l1_dssim_losses
 
 from .quaternions import quat_conjugate, quat_multiply, quat_to_rotmat
 
@@ -63,6 +64,17 @@ def image_loss(render: torch.Tensor, target: torch.Tensor, ssim_weight: float = 
 
         return l1_dssim_loss(render, target, ssim_weight)
     return _reference_l1_dssim_loss(render, target, ssim_weight)
+
+
+def image_losses(pairs: list[tuple[torch.Tensor, torch.Tensor]], ssim_weight: float = 0.2,
+                 backend: str = "torch") -> list[torch.Tensor]:
+    """`image_loss` of each (render, target) pair (images [B, C, H, W] of one size: a step's colours and
+    segmentation), the same values; "torch" computes them together
+    (`tritonsplat.reference.ssim.l1_dssim_losses`: one blur for every pair)."""
+    together = backend == "torch" or (backend == "auto" and not pairs[0][0].is_cuda)
+    if ssim_weight and together and all(r.dim() == 4 and r.shape == t.shape for r, t in pairs):
+        return _reference_l1_dssim_losses(pairs, ssim_weight)
+    return [image_loss(render, target, ssim_weight, backend=backend) for render, target in pairs]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -609,6 +621,7 @@ __all__ = [
     "background_loss",
     "floor_loss",
     "image_loss",
+    "image_losses",
     "l1",
     "l1_rows",
     "lambda_in_data_units",

@@ -145,10 +145,10 @@ class StepContext:
                                                                                             device=colors.device)
                 rgb = colour_correct(colors[..., :3], cam_m.index_select(0, rows)[:, None, None],
                                      cam_c.index_select(0, rows)[:, None, None]).permute(0, 3, 1, 2)
-            terms = {"im": L.image_loss(rgb, self.images, s, backend=backend)}
+            pairs = [(rgb, self.images)]
             if self.segs is not None:
-                terms["seg"] = L.image_loss(colors[..., 3:].permute(0, 3, 1, 2), self.segs, s, backend=backend)
-            self._photometric = terms
+                pairs.append((colors[..., 3:].permute(0, 3, 1, 2), self.segs))
+            self._photometric = dict(zip(("im", "seg"), L.image_losses(pairs, s, backend=backend)))
             self.rgb = rgb.detach()
         return self._photometric
 

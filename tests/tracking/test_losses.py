@@ -192,6 +192,16 @@ def test_image_loss_weights():
     assert L.image_loss(a, b, 0.2).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_image_losses_are_the_image_loss_of_each_pair():
+    g = torch.Generator().manual_seed(4)
+    a, b, c, d = (torch.rand(1, 3, 16, 18, generator=g) for _ in range(4))
+    for backend in ("torch", "auto"):
+        together = L.image_losses([(a, b), (c, d)], 0.2, backend=backend)
+        for value, (x, y) in zip(together, ((a, b), (c, d))):
+            assert value.item() == pytest.approx(L.image_loss(x, y, 0.2).item(), rel=1e-6)
+    assert L.image_losses([(a[0], b[0])], 0.0)[0].item() == pytest.approx((a - b).abs().mean().item(), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_rigidity_matches_eager():
     """The torch.compile'd pointwise parts (used on CUDA) equal the eager reference (CPU inductor here)."""

@@ -80,37 +80,53 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma:
 
 
 class _L1DSSIM(torch.autograd.Function):
-    """(1 - s) mean |a - b| + s (1 - mean S) with the gradient in `a` written out (the target is data),
-    as the Triton kernel's (`tritonsplat/ops/ssim.py`): with g the upstream gradient and n pixels,
+    """(1 - s) mean |a - b| + s (1 - mean S) of G (render, target) pairs [B, C_g, H, W] at once (one loss
+    each, [G]), with the gradient in each render written out (the targets are data), as the Triton
+    kernel's (`tritonsplat/ops/ssim.py`): with g the upstream gradient of a pair's loss and n its pixels,
         P_mu = dS/dmu_a = 2 (mu_b (A2 - A1) - mu_a S (B2 - B1)) / (B1 B2),
         P_aa = dS/de_aa = -S / B2,  P_ab = dS/de_ab = 2 A1 / (B1 B2),
         grad_a = -s g / n [blur(P_mu) + 2 a blur(P_aa) + b blur(P_ab)] + (1 - s) g sign(a - b) / n
-    (the window is symmetric and zero-padded, so the adjoint of the blur is the blur). The loss has the
-    operations of `ssim_map` (the same value); the planes are written in place of a concatenation.
+    (the window is symmetric and zero-padded, so the adjoint of the blur is the blur). Each loss has the
+    operations of `ssim_map` (the same value); the planes of every pair are written into one stack and
+    blurred by one pair of convolutions (SSIM is per channel): on a 2-core AMD EPYC CPU (1 thread) two
+    pairs of 3 x 160 x 90 blurred together took 1.15 ms where two calls took 1.34 ms.
     """
 
     @staticmethod
-    def forward(ctx, render, target, ssim_weight: float):
-        B, C, H, W = render.shape
-        stack = render.new_empty((B, 5 * C, H, W))
-        a, b = stack[:, :C].copy_(render), stack[:, C:2 * C].copy_(target)
+    def forward(ctx, ssim_weight: float, *images):
+        renders, targets = images[:len(images) // 2], images[len(images) // 2:]
+        B, _, H, W = renders[0].shape
+        bounds = [0]
+        for r in renders:
+            bounds.append(bounds[-1] + r.shape[1])
+        C = bounds[-1]
+        stack = renders[0].new_empty((B, 5 * C, H, W))
+        a, b = stack[:, :C], stack[:, C:2 * C]
+        for r, t, lo, hi in zip(renders, targets, bounds, bounds[1:]):
+            a[:, lo:hi].copy_(r)
+            b[:, lo:hi].copy_(t)
         torch.mul(a, a, out=stack[:, 2 * C:3 * C])
         torch.mul(b, b, out=stack[:, 3 * C:4 * C])
         torch.mul(a, b, out=stack[:, 4 * C:])
         mu_a, mu_b, A1, A2, B1, B2 = _ssim_terms(a, b, stack=stack)
         S = (A1 * A2) / (B1 * B2)
         diff = a - b
-        loss = (1.0 - ssim_weight) * diff.abs().mean() + ssim_weight * (1.0 - S.mean())
+        l1 = diff.abs()
+        losses = torch.stack([(1.0 - ssim_weight) * l1[:, lo:hi].mean() + ssim_weight * (1.0 - S[:, lo:hi].mean())
+                              for lo, hi in zip(bounds, bounds[1:])])
         ctx.save_for_backward(a, b, diff, mu_a, mu_b, A1, A2, B1, B2, S)
-        ctx.ssim_weight = ssim_weight
-        return loss
+        ctx.ssim_weight, ctx.bounds = ssim_weight, bounds
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_losses):
         a, b, diff, mu_a, mu_b, A1, A2, B1, B2, S = ctx.saved_tensors
-        s, n = ctx.ssim_weight, a.numel()
+        s, bounds = ctx.ssim_weight, ctx.bounds
         B, C, H, W = a.shape
-        g_ssim = grad_loss * (-s / n)
+        # dloss/dS and dloss/d|a - b| of each channel: its pair's g / n, n = B C_g H W.
+        per_channel = torch.cat([(grad_losses[i] / (B * (hi - lo) * H * W)).expand(hi - lo)
+                                 for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]).view(1, C, 1, 1)
+        g_ssim = per_channel * -s
         t = (B1 * B2).reciprocal_().mul_(g_ssim * 2)  # 2 dloss/dS / (B1 B2)
         partials = a.new_empty((B, 3 * C, H, W))  # P_mu, P_aa, P_ab times dloss/dS
         p_mu = torch.mul(mu_b, A2 - A1, out=partials[:, :C])
@@ -119,7 +135,8 @@ class _L1DSSIM(torch.autograd.Function):
         torch.mul(t, A1, out=partials[:, 2 * C:])
         blur_mu, blur_aa, blur_ab = _blur(partials).reshape(B, 3, C, H, W).unbind(1)
         grad = torch.addcmul(blur_mu, a, blur_aa, value=2).addcmul_(b, blur_ab)
-        return grad.addcmul_(torch.sign(diff), grad_loss * ((1.0 - s) / n)), None, None
+        grad.addcmul_(torch.sign(diff), per_channel * (1.0 - s))
+        return (None, *[grad[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])], *[None] * (len(bounds) - 1))
 
 
 def _check(name: str, render: torch.Tensor, target: torch.Tensor) -> None:
@@ -142,8 +159,19 @@ def l1_dssim_loss(render: torch.Tensor, target: torch.Tensor, ssim_weight: float
     """
     _check("l1_dssim_loss", render, target)
     if ssim_weight and not target.requires_grad:
-        return _L1DSSIM.apply(render, target, float(ssim_weight))
+        return _L1DSSIM.apply(float(ssim_weight), render, target)[0]
     loss = (1.0 - ssim_weight) * (render - target).abs().mean()
     if ssim_weight:
         loss = loss + ssim_weight * (1.0 - ssim_map(render, target).mean())
     return loss
+
+
+def l1_dssim_losses(pairs: list[tuple[torch.Tensor, torch.Tensor]], ssim_weight: float) -> list[torch.Tensor]:
+    """`l1_dssim_loss` of each (render, target) pair, images [B, C_g, H, W] of one B, H and W, computed
+    together (one blur for all pairs; no Triton twin: the fused kernel takes one pair per launch)."""
+    for render, target in pairs:
+        _check("l1_dssim_losses", render, target)
+    if (not ssim_weight or any(t.requires_grad for _, t in pairs) or len({(r.shape[0], *r.shape[2:]) for r, _ in pairs})
+            != 1):
+        return [l1_dssim_loss(render, target, ssim_weight) for render, target in pairs]
+    return list(_L1DSSIM.apply(float(ssim_weight), *[r for r, _ in pairs], *[t for _, t in pairs]).unbind(0))
