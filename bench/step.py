@@ -331,7 +331,7 @@ class _OpCounter:
 
 class TrackingStepParts:
     """A t > 0 Dynamic 3D Gaussians step on a scene, split into the parts of STEP_PARTS, through the
-    tracking package's own code (`tracking.stages.render`, `losses.image_loss`, the rigidity, floor,
+    tracking package's own code (`tracking.stages.render`, `losses.image_losses`, the rigidity, floor,
     background and colour terms, Adam). All Gaussians with even index are foreground."""
 
     def __init__(self, scene: SceneInputs, backend: str):
@@ -385,19 +385,22 @@ class TrackingStepParts:
         colors = self.held["out"].colors.detach().requires_grad_(True)
         L = self.losses
         s = self.config.weights.ssim
-        im = L.image_loss(colors[..., :3].permute(0, 3, 1, 2), self.image, s, backend=self.config.backend)
-        seg = L.image_loss(colors[..., 3:].permute(0, 3, 1, 2), self.seg_target, s, backend=self.config.backend)
+        im, seg = L.image_losses([(colors[..., :3].permute(0, 3, 1, 2), self.image),
+                                  (colors[..., 3:].permute(0, 3, 1, 2), self.seg_target)], s,
+                                 backend=self.config.backend)   # as tracking.stages.StepContext.photometric
         (im + 3 * seg).backward()
         self.held["colors_grad"] = colors.grad
         torch.stack([im.detach(), seg.detach()], out=self.buffer[:2])
 
     def rigidity_losses(self) -> None:
         L, act, r = self.losses, self.held["act"], self.rig
-        fg = act["means"][self.fg_idx]
-        terms = L.rigidity_losses_fast(fg, act["quats"][self.fg_idx], r["prev_means"], self.prev_quats, r["indices"],
-                                       r["weights"], r["initial_distances"], prev_offsets=self.prev_offsets)
+        fg = act["means"].index_select(0, self.fg_idx)   # as tracking.stages.StepContext gathers them
+        terms = L.rigidity_losses_fast(fg, act["quats"].index_select(0, self.fg_idx), r["prev_means"], self.prev_quats,
+                                       r["indices"], r["weights"], r["initial_distances"],
+                                       prev_offsets=self.prev_offsets)
         total = 4 * terms["rigid"] + 4 * terms["rot"] + 2 * terms["iso"] + 2 * L.floor_loss(fg, 0.0)
-        total = total + 20 * L.background_loss(act["means"][self.bg_idx], act["quats"][self.bg_idx], *self.init_bg)
+        total = total + 20 * L.background_loss(act["means"].index_select(0, self.bg_idx),
+                                               act["quats"].index_select(0, self.bg_idx), *self.init_bg)
         total.backward(retain_graph=True)
 
     def render_backward(self) -> None:

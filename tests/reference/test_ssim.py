@@ -5,6 +5,9 @@ Tolerances: the two float32 formulations sum the same 11 products per pass in di
 depthwise kernel vs the one-channel kernel), so both are compared with the float64 result: the new one must be
 as accurate as the old (map: max error <= old's + 1.2e-7, one float32 ulp at 1; gradient: relative RMS error
 <= 1.1 x old's; measured: equal maps, gradients 2.29e-7 vs 2.29e-7 at 160 x 90). gradcheck in float64.
+The written-out L1 + D-SSIM gradient against autograd's: the loss is the same expression (exact); gradients
+abs 1e-5 x the largest entry in float32 (measured 4e-7), 1e-12 in float64 (the same sums, reordered).
+Several pairs in one call against one call per pair: rel 1e-6 (float32; measured equal: SSIM is per channel).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonsplat.reference.ssim import SSIM_C1, SSIM_C2, gaussian_window_1d, ssim_map
+from tritonsplat.reference.ssim import SSIM_C1, SSIM_C2, gaussian_window_1d, l1_dssim_loss, l1_dssim_losses, ssim_map
 
 
 def _one_channel_ssim_map(a, b, window=11, sigma=1.5):
@@ -58,3 +61,48 @@ def test_ssim_map_gradcheck():
     a = torch.rand(1, 2, 9, 12, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.rand(1, 2, 9, 12, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: ssim_map(x, b), (a,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight", [0.2, 1.0])
+def test_written_out_l1_dssim_gradient_matches_autograd(dtype, weight):
+    """`l1_dssim_loss` (`_L1DSSIM`, its gradient a blur of the SSIM partials) against the autograd
+    expression, on a channels-last render (as tracking passes the rasterizer's [B, H, W, C] colours)."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(2, 3, 17, 23, generator=g, dtype=dtype)
+    b = (a + 0.3 * torch.randn(a.shape, generator=g, dtype=dtype)).clamp(0, 1)
+    x = a.permute(0, 2, 3, 1).contiguous().requires_grad_()
+    written = l1_dssim_loss(x.permute(0, 3, 1, 2), b, weight)
+    y = a.clone().requires_grad_()
+    reference = (1 - weight) * (y - b).abs().mean() + weight * (1 - ssim_map(y, b).mean())
+    (g_written,), (g_reference,) = torch.autograd.grad(written, x), torch.autograd.grad(reference, y)
+    torch.testing.assert_close(written, reference, rtol=1e-15 if dtype == torch.float64 else 1e-6, atol=0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(g_written.permute(0, 3, 1, 2), g_reference, rtol=0,
+                               atol=tol * float(g_reference.abs().max()))
+
+
+def test_written_out_l1_dssim_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    a = torch.rand(2, 2, 7, 9, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.rand(2, 2, 7, 9, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: l1_dssim_loss(v, b, 0.3), (a,))
+    b.requires_grad_()   # a target that needs a gradient: the autograd expression, both gradients
+    assert torch.autograd.gradcheck(lambda v, w: l1_dssim_loss(v, w, 0.3), (a, b))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pairs_together_match_one_call_per_pair(batch):
+    """`l1_dssim_losses` (a step's colour and segmentation losses, blurred together) against
+    `l1_dssim_loss` per pair: values and the gradient in the [B, H, W, 6] render both come from."""
+    g = torch.Generator().manual_seed(batch)
+    colors = torch.rand(batch, 21, 26, 6, generator=g).requires_grad_()
+    targets = torch.rand(batch, 3, 21, 26, generator=g), torch.rand(batch, 3, 21, 26, generator=g)
+    pairs = [(colors[..., :3].permute(0, 3, 1, 2), targets[0]), (colors[..., 3:].permute(0, 3, 1, 2), targets[1])]
+    together = l1_dssim_losses(pairs, 0.2)
+    apart = [l1_dssim_loss(render, target, 0.2) for render, target in pairs]
+    (g_together,) = torch.autograd.grad(together[0] + 3 * together[1], colors)
+    (g_apart,) = torch.autograd.grad(apart[0] + 3 * apart[1], colors)
+    for a, b in zip(together, apart):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_together, g_apart, rtol=0, atol=1e-6 * float(g_apart.abs().max()))

@@ -9,6 +9,9 @@ Tolerances:
 | deterministic gather gradient vs autograd | abs 1e-6 | same sums, different order (float32) |
 | compiled vs eager rigidity | rel 1e-5 (values), 1e-4 (grads) | inductor fuses and reorders float32 sums |
 | written-out rigidity gradient | values exact; grads 1e-5 x max abs (float32) | the same forward; sums reordered |
+| eager rigidity family vs autograd, float32 | values rel 1e-6; grads 1e-5 x max abs | fused products, sums reordered |
+| the same, float64 | values rel 1e-12; grads 1e-10 x max abs | the same |
+| the CSR scatter vs index_add_ | abs 1e-6 | the same sums, associated differently |
 """
 
 from __future__ import annotations
@@ -189,6 +192,16 @@ def test_image_loss_weights():
     assert L.image_loss(a, b, 0.2).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_image_losses_are_the_image_loss_of_each_pair():
+    g = torch.Generator().manual_seed(4)
+    a, b, c, d = (torch.rand(1, 3, 16, 18, generator=g) for _ in range(4))
+    for backend in ("torch", "auto"):
+        together = L.image_losses([(a, b), (c, d)], 0.2, backend=backend)
+        for value, (x, y) in zip(together, ((a, b), (c, d))):
+            assert value.item() == pytest.approx(L.image_loss(x, y, 0.2).item(), rel=1e-6)
+    assert L.image_losses([(a[0], b[0])], 0.0)[0].item() == pytest.approx((a - b).abs().mean().item(), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_rigidity_matches_eager():
     """The torch.compile'd pointwise parts (used on CUDA) equal the eager reference (CPU inductor here)."""
@@ -230,3 +243,73 @@ def test_written_out_rigidity_gradient_matches_autograd():
     assert torch.autograd.gradcheck(
         lambda mm, qq: sum(L._rigidity_terms_eager(mm, qq, L.neighbour_gather(mm, idx), L.neighbour_gather(qq, idx),
                                                    *args)), (m, rel.detach().requires_grad_()))
+
+
+def _family_case(n=60, seed=3, dtype=torch.float32):
+    """A cluster with a hub (row 0 among everyone's neighbours) moved a little: means and quats to fit."""
+    means0, quats0, idx, w, d0 = cluster(n=n)
+    idx = idx.clone()
+    idx[1:, 0] = 0
+    g = torch.Generator().manual_seed(seed)
+    m = (means0 + 0.01 * torch.randn(means0.shape, generator=g)).to(dtype)
+    q = quat_normalize(quats0 + 0.05 * torch.randn(quats0.shape, generator=g)).to(dtype)
+    return m, q, means0.to(dtype), quats0.to(dtype), idx, w.to(dtype), d0.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_rigidity_family_matches_the_autograd_form(dtype):
+    """`rigidity_losses` (`_RigidityFamily`: components-first layout, gradient written out) against
+    `_rigidity` with `_rigidity_terms` through autograd: values and gradients in means and quats."""
+    m, q, means0, quats0, idx, w, d0 = _family_case(dtype=dtype)
+    coefs = (4.0, 4.0, 2.0)
+
+    def run(function):
+        mm, qq = m.clone().requires_grad_(), q.clone().requires_grad_()
+        out = function(mm, qq)
+        grads = torch.autograd.grad(sum(c * out[k] for c, k in zip(coefs, ("rigid", "rot", "iso"))), [mm, qq])
+        return out, grads
+
+    eager, g_eager = run(lambda mm, qq: L.rigidity_losses(mm, qq, means0, quats0, idx, w, d0))
+    ref, g_ref = run(lambda mm, qq: L._rigidity(mm, qq, means0, quats0, idx, w, d0, L._relative_rotations,
+                                                L._rigidity_terms))
+    rel_tol, grad_tol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-12, 1e-10)
+    for k in ("rigid", "rot", "iso"):
+        torch.testing.assert_close(eager[k], ref[k], rtol=rel_tol, atol=0)
+    for a, b in zip(g_eager, g_ref):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=grad_tol * float(b.abs().max()))
+
+
+def test_eager_rigidity_family_gradcheck():
+    # Offsets and weights of order 1 (scaled up from the cluster's), so that every term's gradient is
+    # well above gradcheck's absolute tolerance (1e-5).
+    m, q, means0, quats0, idx, _, d0 = _family_case(n=24, dtype=torch.float64)
+    m, means0, d0 = 50 * m, 50 * means0, 50 * d0
+    w = 0.5 + torch.rand(d0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    prev_offsets = L.previous_offsets(means0, idx)
+
+    def total(mm, qq):
+        out = L.rigidity_losses(mm, qq, means0, quats0, idx, w, d0, prev_offsets)
+        return out["rigid"] + 2 * out["rot"] + 3 * out["iso"]
+
+    assert torch.autograd.gradcheck(total, (m.requires_grad_(), q.requires_grad_()))
+
+
+def test_rigidity_scatter_off_the_cpu_path_matches_index_add():
+    """The CSR segmented sum (`_scatter_columns` with a table, the path off the CPU) equals index_add_."""
+    _, _, _, _, idx, w, d0 = _family_case()
+    layout = L._neighbour_layout(idx, w, d0, idx.shape[0])
+    assert layout.table is None  # the CPU adds with index_add_
+    with_table = L._NeighbourLayout(layout.index, layout.weights, layout.initial_distances,
+                                    L._GatherTable(layout.index, *L._csr_table(layout.index, idx.shape[0])))
+    g = torch.Generator().manual_seed(0)
+    grad, base = torch.randn(7, layout.index.numel(), generator=g), torch.randn(7, idx.shape[0], generator=g)
+    torch.testing.assert_close(L._scatter_columns(grad, with_table, base.clone()),
+                               L._scatter_columns(grad, layout, base.clone()), atol=1e-6, rtol=0)
+
+
+def test_rotation_rows_are_quat_to_rotmat():
+    q = torch.randn(50, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    R, n, norm = L._rotation_rows(q.t().contiguous())
+    torch.testing.assert_close(R, quat_to_rotmat(q).reshape(50, 9).t(), atol=1e-15, rtol=0)
+    torch.testing.assert_close(n, quat_normalize(q).t(), atol=1e-15, rtol=0)
