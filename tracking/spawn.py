@@ -42,6 +42,14 @@ from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
 
 SPAWN_OPTIMISED = ("means", "rgb", "quats", "logit_opacities", "log_scales")  # seg stays the label (1, 0, 0)
 MIN_SPAWN_POINTS = 4  # fewer hull points cannot carry neighbour-distance scales (3 neighbours each)
+# Hull voxel edge of the spawn carve, in pixels of the median camera (the t = 0 hull uses 1.5 px,
+# `data_tools.init_points.auto_voxel_size`). Measured on a 96x72, 8-camera synthetic scene (demo preset
+# x 0.5 steps, visitor sphere of 0.15 m entering at frame 3): 1.5 px gives 45 hull points ~6 cm apart, 49
+# Gaussians whose rigidity weights exp(-lambda d^2) are ~0 (median 2e-6 against 0.10 at t = 0), and the
+# visitor's tracks follow their highest-influence Gaussian at 2.13 % of the extent (static: 2.55 %);
+# 0.75 px: 223 points, 1.75 %; 0.5 px: 582 points, 640 Gaussians of 1.7 cm (t = 0's: 2.1 cm), 1.64 %.
+SPAWN_VOXEL_PIXELS = 0.5
+AUTO_VOXEL_PIXELS = 1.5  # auto_voxel_size's edge in pixels
 
 
 def spawn_densify_config(config: TrackingConfig) -> DensifyConfig:
@@ -50,8 +58,13 @@ def spawn_densify_config(config: TrackingConfig) -> DensifyConfig:
     needs far more steps than a spawn has) and too-big Gaussians pruned from the start."""
     steps = config.spawn_steps
     every = max(MIN_REFINE_EVERY, steps // 10)
-    return replace(config.densify, start=every, stop=max(every, (3 * steps) // 4), every=every, opacity_reset_at=0,
-                   prune_big_from=0)
+    # The last refinement prunes at prune_opacity too, not at final_prune_opacity: that cull (0.25) follows
+    # the opacity reset at t = 0, and without one it removes what the spawn just made. Measured (scene of
+    # SPAWN_VOXEL_PIXELS, 0.75 px): the Gaussians inside the saturated silhouette drift to opacity ~0.1 in
+    # 70 steps and the 0.25 cull removed 381 of 386.
+    d = config.densify
+    return replace(d, start=every, stop=max(every, (3 * steps) // 4), every=every, opacity_reset_at=0,
+                   prune_big_from=0, final_prune_opacity=d.prune_opacity)
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -94,7 +107,7 @@ def candidate_points(seq, t: int, uncovered: list[torch.Tensor | None], config: 
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Surface points of frame t's visual hull seen on uncovered pixels by >= spawn_min_cameras cameras:
     (xyz float32 [M, 3], rgb float32 [M, 3])."""
-    from data_tools.init_points import _View, carve_visual_hull
+    from data_tools.init_points import _region, _View, auto_voxel_size, carve_visual_hull
 
     views, regions = [], []
     for cam, region in zip(seq.train_cameras, uncovered):
@@ -106,7 +119,10 @@ def candidate_points(seq, t: int, uncovered: list[torch.Tensor | None], config: 
         regions.append(_dilate(region, 1).reshape(-1))
     if len(views) < config.spawn_min_cameras:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
-    hull = carve_visual_hull(seq, t, min_views=config.spawn_min_cameras, floor_y=config.floor_y, views=views)
+    cams = [view.cam for view in views]
+    voxel = auto_voxel_size(cams, _region(cams)[0]) * SPAWN_VOXEL_PIXELS / AUTO_VOXEL_PIXELS
+    hull = carve_visual_hull(seq, t, voxel_size=voxel, min_views=config.spawn_min_cameras, floor_y=config.floor_y,
+                             views=views)
     if not len(hull.points):
         return hull.points, hull.colors
     X = torch.from_numpy(hull.points)
