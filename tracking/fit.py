@@ -40,6 +40,7 @@ from .distributed import (
     broadcast_object,
     close_world,
     init_world,
+    launched_by_torchrun,
     rank_cameras,
 )
 from .errors import ConfigMismatchError, NaNLossError, TrackingError
@@ -161,10 +162,14 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
     config = (config or TrackingConfig()).validate()
     if config.floor_y is None:
         warnings.warn("floor_y is None: the floor loss is off", stacklevel=2)
+    if config.spawn_new and launched_by_torchrun():
+        # Checked before joining the world, so every rank stops at once with this message. The spawn stage
+        # neither splits its views over the ranks nor gathers its densification statistics as t = 0 does
+        # (`fit_first_frame`), so the ranks' new Gaussians would differ.
+        raise TrackingError("spawn_new (--spawn-new) is not supported under torchrun: fit with one process "
+                            "(python -m tracking.cli fit ... --spawn-new)")
     world, world_device = init_world(config.device, dist_timeout)
     try:
-        if world.active and config.spawn_new:
-            raise TrackingError("spawn_new is not supported under torchrun yet: fit with one process")
         if world.active:
             rank_cameras(list(range(config.cameras_per_step)), world)  # B divisible by N, or a clear error
             config = replace(config, device=world_device)

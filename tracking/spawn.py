@@ -10,15 +10,18 @@ Gaussians already explain it. Where they disagree in several cameras, something 
    opened morphologically (radius `spawn_open_pixels`) to drop outline slivers; a camera counts when
    at least `spawn_min_pixels` such pixels remain, and nothing happens unless `spawn_min_cameras` do;
 2. points (`candidate_points`): the frame's visual hull (`data_tools.carve_visual_hull` on the full
-   masks), restricted to the surface voxels that project onto uncovered pixels in at least
-   `spawn_min_cameras` cameras, coloured by the median over the cameras that see them;
+   masks, voxels of SPAWN_VOXEL_PIXELS = 0.5 px, a third of the t = 0 hull's, so that the new
+   Gaussians are about as dense as those of t = 0), restricted to the surface voxels that project onto
+   uncovered pixels in at least `spawn_min_cameras` cameras, coloured by the median over the cameras
+   that see them;
 3. spawning (`spawn_gaussians`): Gaussians initialised from those points as at t = 0
    (`tracking.params.init_params`: isotropic scales from the neighbour distances, opacity 0.5,
    foreground label), optimised for `spawn_steps` steps with L_im + 3 L_seg while every existing
    Gaussian and the colour correction stay frozen, densified (clone / split / prune,
-   `tracking.strategy`) among themselves only; then their rigidity neighbours are found among the new
-   Gaussians and the existing foreground ones (K nearest in their union), and from frame t + 1 on they
-   are tracked like every other foreground Gaussian (opacity and scale frozen).
+   `tracking.strategy`, without the final 0.25 opacity cull: there is no opacity reset) among
+   themselves only; then their rigidity neighbours are found among the new Gaussians and the existing
+   foreground ones (K nearest in their union), and from frame t + 1 on they are tracked like every
+   other foreground Gaussian (opacity and scale frozen).
 
 Spawned Gaussians are always foreground, and appended after the existing ones (`tracking.store`).
 """
@@ -42,16 +45,32 @@ from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
 
 SPAWN_OPTIMISED = ("means", "rgb", "quats", "logit_opacities", "log_scales")  # seg stays the label (1, 0, 0)
 MIN_SPAWN_POINTS = 4  # fewer hull points cannot carry neighbour-distance scales (3 neighbours each)
+# Hull voxel edge of the spawn carve, in pixels of the median camera (the t = 0 hull uses 1.5 px,
+# `data_tools.init_points.auto_voxel_size`). Measured on a 96x72, 8-camera synthetic scene (demo preset x 0.5
+# steps, a 0.15 m visitor sphere entering at frame 3; its tracks' static error 2.55 % of the extent): at 1.5 px
+# the hull gave 45 points ~6 cm apart and 49 Gaussians whose rigidity weights exp(-lambda d^2) were ~0
+# (median 2e-6, t = 0's 0.10), and the visitor's tracks, following their highest-influence Gaussian, were at
+# 2.26 %; without the spawn's final cull (`spawn_densify_config`) 2.13 % at 1.5 px, 1.75 % at 0.75 px (223
+# points) and 1.64 % at 0.5 px (582 points, 640 Gaussians of 1.7 cm; t = 0's are 2.1 cm). A region carved at
+# 0.5 px has ~9x the surface points of one at 1.5 px.
+SPAWN_VOXEL_PIXELS = 0.5
+AUTO_VOXEL_PIXELS = 1.5  # auto_voxel_size's edge in pixels
 
 
 def spawn_densify_config(config: TrackingConfig) -> DensifyConfig:
     """The t = 0 densification thresholds on a spawn_steps-long schedule: refinements every tenth of the
     steps (at least MIN_REFINE_EVERY apart), stopping at three quarters, no opacity reset (its recovery
-    needs far more steps than a spawn has) and too-big Gaussians pruned from the start."""
+    needs far more steps than a spawn has), hence no final cull either, and too-big Gaussians pruned from
+    the start."""
     steps = config.spawn_steps
     every = max(MIN_REFINE_EVERY, steps // 10)
-    return replace(config.densify, start=every, stop=max(every, (3 * steps) // 4), every=every, opacity_reset_at=0,
-                   prune_big_from=0)
+    # The last refinement prunes at prune_opacity too, not at final_prune_opacity: that cull (0.25) follows
+    # the opacity reset at t = 0, and without one it removes what the spawn just made. Measured (scene of
+    # SPAWN_VOXEL_PIXELS, 0.75 px): the Gaussians inside the saturated silhouette drift to opacity ~0.1 in
+    # 70 steps and the 0.25 cull removed 381 of 386.
+    d = config.densify
+    return replace(d, start=every, stop=max(every, (3 * steps) // 4), every=every, opacity_reset_at=0,
+                   prune_big_from=0, final_prune_opacity=d.prune_opacity)
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -94,7 +113,7 @@ def candidate_points(seq, t: int, uncovered: list[torch.Tensor | None], config: 
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Surface points of frame t's visual hull seen on uncovered pixels by >= spawn_min_cameras cameras:
     (xyz float32 [M, 3], rgb float32 [M, 3])."""
-    from data_tools.init_points import _View, carve_visual_hull
+    from data_tools.init_points import _region, _View, auto_voxel_size, carve_visual_hull
 
     views, regions = [], []
     for cam, region in zip(seq.train_cameras, uncovered):
@@ -106,7 +125,10 @@ def candidate_points(seq, t: int, uncovered: list[torch.Tensor | None], config: 
         regions.append(_dilate(region, 1).reshape(-1))
     if len(views) < config.spawn_min_cameras:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
-    hull = carve_visual_hull(seq, t, min_views=config.spawn_min_cameras, floor_y=config.floor_y, views=views)
+    cams = [view.cam for view in views]
+    voxel = auto_voxel_size(cams, _region(cams)[0]) * SPAWN_VOXEL_PIXELS / AUTO_VOXEL_PIXELS
+    hull = carve_visual_hull(seq, t, voxel_size=voxel, min_views=config.spawn_min_cameras, floor_y=config.floor_y,
+                             views=views)
     if not len(hull.points):
         return hull.points, hull.colors
     X = torch.from_numpy(hull.points)

@@ -1,25 +1,36 @@
 """Objects that enter after the first frame: `TrackingConfig.spawn_new` on `synth --enter-at`.
 
-The scene: data_tools' synthetic scene at 64 x 48, 6 training + 1 test camera, FRAMES frames, the visitor
-sphere entering at ENTER; fitted with the torch backend on the CPU at test size (SPAWN_CONFIG).
+Two scenes, both data_tools' synthetic scene with the visitor sphere (0.2 m) entering after t = 0, fitted
+with the torch backend on the CPU:
+
+- mechanics (fast): 64 x 48, 6 training + 1 test camera, FRAMES frames, entry at ENTER, SPAWN_CONFIG;
+- quality (slow): 96 x 72, 6 + 1 cameras, 8 frames, entry at frame 2, the demo preset x 0.5 steps
+  (QUALITY_*), where the visitor matters: at 64 x 48 with 60 steps at t = 0 the reconstruction is so coarse
+  (held-out ~23 dB) that the missing sphere costs ~0.05 dB, and its tracks' static error is already
+  below 2 % (1.6 %), so neither target can tell spawning from not spawning.
 
 | check                                                                   | criterion                        |
 |-------------------------------------------------------------------------|----------------------------------|
 | without spawning nothing is born                                         | exact                            |
 | with spawning, Gaussians are born at the entry frame only                | exact                            |
 | spawned Gaussians: foreground, birth_frame = ENTER, in every later frame  | exact                            |
+| the spawn's schedule has no final 0.25 cull (it has no opacity reset)    | exact                            |
 | frames before the entry are bit-identical with and without spawning      | exact                            |
 | held-out PSNR of every post-entry frame: with spawning > without          | strict                           |
-| held-out PSNR after the entry >= before - PSNR_DROP_WITH                  | 1 dB (the issue's bound)         |
-| the visitor's tracks from its entry (highest influence): <= 2 %, and      | ENTERING_MTE_PCT                 |
-|   lower than without spawning                                            |                                  |
-
-What the test size cannot show: that without spawning the post-entry PSNR drops. At 64 x 48 the visitor
-covers ~35 pixels of 3,072, and the continued optimisation of a 60-step reconstruction gains more per frame
-than the missing sphere costs (measured, 2-core CPU: held-out PSNR 22.11, 22.19 | 22.21, 22.30, 22.37, 22.41
-dB without spawning, entry at frame 2; 22.28, 22.35, 22.45, 22.49 with). The entering tracks' errors are
-small either way because the sphere rolls 2 cm per frame (1.72 % without, 1.65 % with).
 | resume after a fault in a frame after spawning                           | bit-identical (CPU torch)        |
+| spawning under torchrun: a TrackingError naming it, before anything runs | exact                            |
+| slow: held-out PSNR after the entry >= before - 1 dB with spawning,       | PSNR_DROP_WITH (the issue's)     |
+|   <= before - PSNR_DROP_WITHOUT without                                  | 0.6 dB (measured 0.99)           |
+| slow: the spawn keeps what it carved                                    | born >= hull points / 2          |
+| slow: the visitor's tracks from its entry (highest influence): <= 2 %,   | ENTERING_MTE_PCT (the issue's)   |
+|   and lower than without spawning                                        |                                  |
+
+Measured (quality scene, 2-core CPU, 1 thread): held-out PSNR before | after the entry 27.37 | 26.38 dB
+without spawning, 27.37 | 27.07 dB with; the visitor's tracks following their highest-influence Gaussian
+5.24 % of the extent without, 1.72 % with (static: 2.54 %); fits 100 s and 138 s of CPU. Under the default
+0.5-influence readout no query point on the visitor reaches influence 0.5 (nor almost any point of the
+other objects, see test_slow), so entering_mte_3d_pct is the static error either way (reported, not
+asserted).
 """
 
 from __future__ import annotations
@@ -31,8 +42,10 @@ import numpy as np
 import pytest
 
 import tracking
-from tracking.errors import InjectedFault
+from tracking.config import TrackingConfig
+from tracking.errors import InjectedFault, TrackingError
 from tracking.evaluate import evaluate
+from tracking.spawn import spawn_densify_config
 from tracking.store import completed_frames, frame_path
 
 from .conftest import tiny_config
@@ -42,7 +55,11 @@ QUIET = {"progress": False, "echo": lambda s: None}
 SPAWN_CONFIG = tiny_config(steps_first=60, steps_per_frame=10, spawn_steps=30, uncovered_is_background=True,
                            max_init_scale=0.02)
 PSNR_DROP_WITH = 1.0  # dB: the issue's bound on post-entry vs pre-entry PSNR with spawning
+PSNR_DROP_WITHOUT = 0.6  # dB: the drop without spawning must be at least this (measured 0.99 dB)
 ENTERING_MTE_PCT = 2.0  # % of the extent: the issue's bound
+QUALITY_SCENE = {"cameras": 6, "test_cameras": 1, "width": 96, "height": 72, "frames": 8, "seed": 1, "enter_at": 2}
+QUALITY_CONFIG = replace(TrackingConfig.from_preset("demo", backend="torch", device="cpu").scaled_steps(0.5),
+                         spawn_steps=100)  # the CLI's default with --steps-scale 0.5 (200 x 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +71,22 @@ def entering_scene(tmp_path_factory):
     return out
 
 
-def _fit(scene, out, spawn: bool):
-    r = tracking.fit(scene, out, replace(SPAWN_CONFIG, spawn_new=spawn), **QUIET)
+def _fit(scene, out, config):
+    r = tracking.fit(scene, out, config, **QUIET)
     return r, evaluate(out, lpips=False, write=True)
 
 
 @pytest.fixture(scope="module")
 def runs(entering_scene, tmp_path_factory):
     base = tmp_path_factory.mktemp("spawn")
-    return {spawn: (base / f"spawn{int(spawn)}", *_fit(entering_scene, base / f"spawn{int(spawn)}", spawn))
+    return {spawn: (base / f"spawn{int(spawn)}",
+                    *_fit(entering_scene, base / f"spawn{int(spawn)}", replace(SPAWN_CONFIG, spawn_new=spawn)))
             for spawn in (False, True)}
 
 
-def _pre_post(metrics) -> tuple[float, float]:
+def _pre_post(metrics, enter: int) -> tuple[float, float]:
     psnr = np.asarray(metrics["psnr_per_frame"], np.float64)
-    return float(psnr[:ENTER].mean()), float(psnr[ENTER:].mean())
+    return float(psnr[:enter].mean()), float(psnr[enter:].mean())
 
 
 def test_gaussians_are_born_at_the_entry_frame(runs):
@@ -83,6 +101,16 @@ def test_gaussians_are_born_at_the_entry_frame(runs):
     assert spawned.means[FRAMES - 1].shape[0] == spawned.n_gaussians
 
 
+def test_the_spawn_schedule_has_no_final_cull():
+    """The t = 0 schedule's final cull at opacity 0.25 follows an opacity reset; the spawn has no reset, and with
+    the cull it removed 381 of 386 Gaussians (0.75 px hull voxels, 96x72 scene): inside a saturated
+    silhouette the opacities drift to ~0.1. (The slow test checks the outcome with the demo preset.)"""
+    for cfg in (TrackingConfig(), QUALITY_CONFIG):
+        d = spawn_densify_config(cfg)
+        assert d.opacity_reset_at <= 0 and d.final_prune_opacity == d.prune_opacity == cfg.densify.prune_opacity
+        assert cfg.densify.final_prune_opacity > d.final_prune_opacity
+
+
 def test_frames_before_the_entry_are_unchanged_by_spawning(runs):
     for t in range(ENTER):
         with h5py.File(frame_path(runs[False][0], t)) as fa, h5py.File(frame_path(runs[True][0], t)) as fb:
@@ -90,20 +118,11 @@ def test_frames_before_the_entry_are_unchanged_by_spawning(runs):
                 assert np.array_equal(fa[key][()], fb[key][()]), f"frame {t} {key}"
 
 
-def test_spawning_keeps_the_post_entry_psnr(runs):
+def test_spawning_raises_the_post_entry_psnr(runs):
     psnr0 = np.asarray(runs[False][2]["psnr_per_frame"])
     psnr1 = np.asarray(runs[True][2]["psnr_per_frame"])
     assert (psnr1[ENTER:] > psnr0[ENTER:]).all(), (psnr0, psnr1)
-    pre1, post1 = _pre_post(runs[True][2])
-    assert post1 >= pre1 - PSNR_DROP_WITH, (pre1, post1)
-
-
-def test_entering_tracks(runs):
-    m0, m1 = runs[False][2], runs[True][2]
-    assert m1["entering_tracks"] > 0 and m1["entering_frame"] == ENTER
-    assert m1["entering_mte_3d_pct_highest_influence"] <= ENTERING_MTE_PCT, m1
-    assert m1["entering_mte_3d_pct_highest_influence"] < m0["entering_mte_3d_pct_highest_influence"], (m0, m1)
-    assert m1["mte_3d_pct"] is not None  # the original objects' tracks are still scored
+    assert runs[True][2]["mte_3d_pct"] is not None  # the original objects' tracks are still scored
 
 
 def test_resume_after_spawning_is_bit_identical(runs, entering_scene, tmp_path, monkeypatch):
@@ -122,3 +141,32 @@ def test_resume_after_spawning_is_bit_identical(runs, entering_scene, tmp_path, 
             for key in keys:
                 assert np.array_equal(fa[key][()], fb[key][()]), f"frame {t} {key} differs"
 
+
+def test_spawning_under_torchrun_is_a_clear_error(tiny_scene, tmp_path, monkeypatch):
+    """The spawn stage does not split its views over the ranks: refused before the world is joined."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrackingError, match="spawn_new.*torchrun"):
+        tracking.fit(tiny_scene, tmp_path / "run", tiny_config(spawn_new=True), **QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_entry_psnr_and_tracks(tmp_path):
+    from data_tools import make_synthetic_scene
+
+    scene, enter = tmp_path / "scene", QUALITY_SCENE["enter_at"]
+    make_synthetic_scene(scene, **QUALITY_SCENE)
+    m0 = _fit(scene, tmp_path / "plain", QUALITY_CONFIG)[1]
+    r1, m1 = _fit(scene, tmp_path / "spawn", replace(QUALITY_CONFIG, spawn_new=True))
+    stats = r1.frame_stats(enter)
+    assert stats["n_born"] >= stats["spawn_points"] / 2, stats  # the spawn keeps what it carved
+    pre0, post0 = _pre_post(m0, enter)
+    pre1, post1 = _pre_post(m1, enter)
+    assert pre0 == pre1  # the frames before the entry are the same fit
+    assert post0 <= pre0 - PSNR_DROP_WITHOUT, (pre0, post0)
+    assert post1 >= pre1 - PSNR_DROP_WITH, (pre1, post1)
+    assert m1["entering_tracks"] > 0 and m1["entering_frame"] == enter
+    hi0, hi1 = m0["entering_mte_3d_pct_highest_influence"], m1["entering_mte_3d_pct_highest_influence"]
+    assert hi1 <= ENTERING_MTE_PCT and hi1 < hi0, (m0, m1)
+    assert m1["entering_mte_3d_pct"] is not None
