@@ -31,13 +31,17 @@ def quaternion_to_rotation(quats: torch.Tensor) -> torch.Tensor:
     Returns:
         [..., 3, 3].
     """
+    entries = [entry for row in _rotation_rows(quats) for entry in row]
+    return torch.stack(entries, dim=-1).reshape(*quats.shape[:-1], 3, 3)
+
+
+def _rotation_rows(quats: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The rotation matrix of unnormalised (w, x, y, z) quaternions [..., 4] as three rows of three [...]
+    tensors."""
     w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
-    rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ]
-    return torch.stack(rows, dim=-1).reshape(*quats.shape[:-1], 3, 3)
+    return ((1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)),
+            (2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)),
+            (2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)))
 
 
 def covariance_3d(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -63,12 +67,8 @@ def covariance_entries(quats: torch.Tensor | None, scales: torch.Tensor | None,
     """
     if covars is not None:
         return tuple(covars.unbind(-1))
-    w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
-    rotation = ((1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)),
-                (2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)),
-                (2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)))
     sx, sy, sz = torch.unbind(scales, dim=-1)
-    m = [(row[0] * sx, row[1] * sy, row[2] * sz) for row in rotation]   # rows of R S
+    m = [(row[0] * sx, row[1] * sy, row[2] * sz) for row in _rotation_rows(quats)]   # rows of R S
 
     def dot(i, j):
         return m[i][0] * m[j][0] + m[i][1] * m[j][1] + m[i][2] * m[j][2]
