@@ -56,7 +56,6 @@ DEFAULT_CHUNK_ENTRIES = 32
 DEFAULT_TILE_BATCH = 128
 DEFAULT_SUB_TILE = 8
 
-LOG_TRANSMITTANCE_STOP = math.log(constants.TRANSMITTANCE_STOP)
 LOG2_E = 1 / math.log(2)
 
 
@@ -82,20 +81,19 @@ class _TileGrid(NamedTuple):
 
     local_x: torch.Tensor   # [P] pixel centre x relative to the sub-tile centre (i + 0.5 - S / 2)
     local_y: torch.Tensor   # [P]
-    basis: torch.Tensor     # [P, 6] (1, u, v, u^2, u v, v^2) of the centres, compute dtype
-    basis_t: torch.Tensor   # [6, P] contiguous transpose (the right operand of the exponent product)
+    basis_t: torch.Tensor   # [6, P] (1, u, v, u^2, u v, v^2) of the centres, compute dtype, contiguous
 
 
 def _tile_grid(tile_size: int, device, dtype) -> _TileGrid:
     p = torch.arange(tile_size * tile_size, device=device)
     u = (p % tile_size).to(torch.float64) + 0.5 - tile_size / 2
     v = torch.div(p, tile_size, rounding_mode="floor").to(torch.float64) + 0.5 - tile_size / 2
-    basis = torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v], dim=-1).to(dtype)
-    return _TileGrid(u.to(dtype), v.to(dtype), basis, basis.t().contiguous())
+    basis_t = torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v]).to(dtype)
+    return _TileGrid(u.to(dtype), v.to(dtype), basis_t)
 
 
 class _Entries(NamedTuple):
-    """Per-entry data of one chunk, [A, K] (padding: the sentinel record)."""
+    """Per-entry data of one chunk, [A, K] (padding entries: opacity 0, index -1)."""
 
     index: torch.Tensor      # [A, K] int64 position in sorted_ids (-1 padding)
     mean_x: torch.Tensor     # [A, K] relative to the sub-tile centre
@@ -205,12 +203,12 @@ _BELOW_MIN_ALPHA = {dtype: float(torch.nextafter(torch.tensor(constants.MIN_ALPH
                     for dtype in (torch.float32, torch.float64)}
 
 
-def _chunk_alpha(exponent,        # [A, K, 6] coefficients of z = log o - sigma
+def _chunk_alpha(exponent,        # [A, K, 6] coefficients of z = log2(o) - sigma log2(e)
                  entries: _Entries, grid: _TileGrid, alpha_cap: float, indefinite: bool) -> torch.Tensor:
     """alpha = min(cap, o exp(-sigma)) of every (entry, pixel) pair of a chunk, [A, K, P], 0 where the entry
     is not used (alpha < 1/255, or sigma < 0).
 
-    Six passes over the pairs, against sixteen when dx, dy and sigma are formed per pair: on a 2-core CPU
+    Four passes over the pairs, against sixteen when dx, dy and sigma are formed per pair: on a 2-core CPU
     (AMD EPYC, torch 2.13) the compositor's time is the number of passes over its [A, K, P] temporaries.
     """
     z = torch.matmul(exponent, grid.basis_t)                                  # [A, K, P]
@@ -488,8 +486,9 @@ class _CompositeFunction(torch.autograd.Function):
     (above it min() passes nothing); sigma = (a dx^2 + c dy^2) / 2 + b dx dy, d = mean - pixel centre:
         g_conic = sum_pixels g_sigma (dx^2 / 2, dx dy, dy^2 / 2),
         g_mean = sum_pixels g_sigma (a dx + b dy, b dx + c dy),  g_background = sum_pixels T_final g_C.
-    The pixel sums of g_sigma (1, dx, dy, dx^2, dx dy, dy^2) come from one float64 matrix product of
-    g_sigma with the tile's pixel basis (1, u, v, u^2, u v, v^2), expanded around the mean.
+    The pixel sums of g_sigma (1, dx, dy, dx^2, dx dy, dy^2) come from one matrix product of g_sigma
+    with the sub-tile's pixel basis (1, u, v, u^2, u v, v^2) (summed in float64 afterwards), expanded
+    around the mean once every entry has been walked.
     densify_grad repeats g_alpha with q restricted to the first k colour channels (no depth or alpha
     term, background restricted likewise).
     """
