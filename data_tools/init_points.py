@@ -127,11 +127,12 @@ def _region(cams: list[Camera]) -> tuple[np.ndarray, float]:
     return focus, 0.9 * float(np.median(dist))
 
 
-def auto_voxel_size(cams: list[Camera], focus: np.ndarray) -> float:
-    """1.5 pixels of the median camera at the focus point: the hull silhouette is then within a pixel
-    of the masks (IoU > 0.9 on the Panoptic data) and a person gets a few tens of thousands of points."""
+def auto_voxel_size(cams: list[Camera], focus: np.ndarray, pixels: float = 1.5) -> float:
+    """`pixels` pixels of the median camera at the focus point. The default 1.5: the hull silhouette is then
+    within a pixel of the masks (IoU > 0.9 on the Panoptic data) and a person gets a few tens of thousands
+    of points."""
     px = [np.linalg.norm(c.center - focus) / max(c.K[0, 0], c.K[1, 1]) for c in cams]
-    return 1.5 * float(np.median(px))
+    return pixels * float(np.median(px))
 
 
 def _surface(ijk: torch.Tensor) -> torch.Tensor:

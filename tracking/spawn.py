@@ -54,7 +54,6 @@ MIN_SPAWN_POINTS = 4  # fewer hull points cannot carry neighbour-distance scales
 # points) and 1.64 % at 0.5 px (582 points, 640 Gaussians of 1.7 cm; t = 0's are 2.1 cm). A region carved at
 # 0.5 px has ~9x the surface points of one at 1.5 px.
 SPAWN_VOXEL_PIXELS = 0.5
-AUTO_VOXEL_PIXELS = 1.5  # auto_voxel_size's edge in pixels
 
 
 def spawn_densify_config(config: TrackingConfig) -> DensifyConfig:
@@ -126,7 +125,7 @@ def candidate_points(seq, t: int, uncovered: list[torch.Tensor | None], config: 
     if len(views) < config.spawn_min_cameras:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
     cams = [view.cam for view in views]
-    voxel = auto_voxel_size(cams, _region(cams)[0]) * SPAWN_VOXEL_PIXELS / AUTO_VOXEL_PIXELS
+    voxel = auto_voxel_size(cams, _region(cams)[0], pixels=SPAWN_VOXEL_PIXELS)
     hull = carve_visual_hull(seq, t, voxel_size=voxel, min_views=config.spawn_min_cameras, floor_y=config.floor_y,
                              views=views)
     if not len(hull.points):
