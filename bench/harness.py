@@ -361,6 +361,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def _cpu_capability() -> str | None:
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability()
+    return None
+
+
 def _nvidia_driver() -> str | None:
     try:
         with open("/proc/driver/nvidia/version") as version:
@@ -429,6 +435,9 @@ def _machine_info_cached(device_key: str) -> tuple:
         }
     info.update({
         "cpu_model": _cpu_model(),
+        # The vector ISA torch's CPU kernels use ("AVX512", "AVX2", ...): two machines both named "AMD EPYC"
+        # differed 1.7-2x in the torch backend's timings (2026-12-02), the slower one AVX2-only.
+        "cpu_capability": _cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "keep_freed_memory": _keeps_freed_memory(),

@@ -129,6 +129,8 @@ def test_machine_info_has_versions_and_commit():
     for key in ("device_name", "device_slug", "driver", "torch", "triton", "python", "git_commit", "cpu_count"):
         assert key in info, key
     assert info["device_slug"].startswith("cpu-") and info["torch"] == torch.__version__
+    # The vector ISA distinguishes CPUs that share a model name (and differ ~2x in torch timings).
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
