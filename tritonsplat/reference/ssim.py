@@ -44,16 +44,15 @@ def _blur(planes: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_S
     P = planes.shape[1]
     pad = window // 2
     horizontal, vertical = _depthwise_windows(P, window, float(sigma), planes.dtype, str(planes.device))
-    if not (planes.requires_grad and torch.is_grad_enabled()):
-        # No autograd through the blur (`_L1DSSIM` writes its backward as a blur): the default layout
-        # costs no layout copies, 0.58 ms for 15 planes of 160 x 90 where channels-last took 0.89 ms with
-        # its two copies (2-core AMD EPYC CPU, 1 thread).
-        return F.conv2d(F.conv2d(planes, horizontal, padding=(0, pad), groups=P), vertical, padding=(pad, 0),
-                        groups=P)
     # The planes as channels of a depthwise (groups = P) convolution in channels-last layout rather than
-    # a batch of one-channel images: the same sums up to float32 rounding (tests/reference/test_ssim.py) and
-    # on a 2-core AMD EPYC CPU (1 thread, 15 planes of 160 x 90) 0.9 ms forward + backward instead of 44 ms
-    # (2.9 ms depthwise in the default layout).
+    # a batch of one-channel images: the same sums up to float32 rounding (tests/reference/test_ssim.py). On one
+    # 2-core AMD EPYC CPU (1 thread, 15 planes of 160 x 90): 0.9 ms forward + backward instead of
+    # 44 ms (2.9 ms depthwise in the default layout); without autograd 0.89 ms against 0.58 ms in the default
+    # layout. On another, AVX2-only (Zen 3, 1 thread), the default layout's depthwise convolution is the slow
+    # one: a step's colour and segmentation L1 + D-SSIM (`l1_dssim_losses`, 2 pairs of 3 x 160 x 90, forward +
+    # backward) took 14-21 ms with it and 7.5-9.8 ms channels-last (interleaved runs, machine shared), with
+    # bit-identical results. So channels-last everywhere: ~0.3 ms lost per blur on the first, ~3 ms gained on
+    # the second.
     blurred = F.conv2d(planes.contiguous(memory_format=torch.channels_last), horizontal, padding=(0, pad), groups=P)
     return F.conv2d(blurred, vertical, padding=(pad, 0), groups=P).contiguous()
 
