@@ -140,6 +140,17 @@ class LossWeights:
     """binary entropy -o log o - (1 - o) log(1 - o) of the opacities, mean over Gaussians (t = 0): pushes each
     opacity to 0 or 1 (SuGaR, Guedon & Lepetit, CVPR 2024; Binary Opacity Grids, Reiser et al. 2024). 0: off,
     the original."""
+    flatten: float = 0.0
+    """mean over Gaussians of the smallest of their three scales divided by their largest, min_i s_i / max_i s_i
+    (unitless, in (0, 1]), as rendered at t = 0: flattens each Gaussian towards a surface-aligned disc. NeuSG
+    (Chen et al. 2023) and PGSR (Chen et al., TVCG 2024) penalise min_i s_i itself (L1), Gaussian Surfels (Dai
+    et al., SIGGRAPH 2024) fix it at 0; divided by max_i s_i here so that the weight does not depend on the
+    scene's units, with the largest scale a detached reference (it gets no gradient). 0: off, the original.
+    Measured on the demo scene (2-frame fits, demo steps, 2-core AMD EPYC Zen 3, 1 thread, 2026-12-02):
+    flatten 0.01 / 0.1 / 1 gives test PSNR 31.4 / 31.2 / 31.3 dB (demo 31.3) and no 3D query point reaching
+    influence 0.5 (demo 0.06 %): the ball's outermost Gaussians move out only from 43 to 33 mm inside its
+    surface while their smallest scale falls from 16 to 4 mm, so o exp(-d^T Sigma^-1 d / 2) at the surface
+    falls too (median 0.018 -> 0.011)."""
 
 
 @dataclass(frozen=True)
@@ -421,8 +432,13 @@ _DEMO = TrackingConfig(
     # thread, 2026-12-02; share of points reaching 0.5 / test PSNR / inset in sigma): as here 0.06 % / 31.3 dB /
     # 2.9; opacity entropy 0.1 (opacities -> 0.99) 0.17 % / 28.9 / 2.9; isotropic + entropy 0.69 % / 27.3 / 2.3;
     # Mip-Splatting's 3D filter 0.2 0.00 % / 30.9 / 2.7, with entropy 0.12 % / 28.6; filter 1 without its
-    # opacity factor + entropy 0.29 % / 27.9 / 2.4; filter 4, 0.23-4.7 % / 19-25 dB / 2.1. metrics.json also
-    # reports the readout that always follows the highest-influence Gaussian (keys *_highest_influence).
+    # opacity factor + entropy 0.29 % / 27.9 / 2.4; filter 4, 0.23-4.7 % / 19-25 dB / 2.1; flat Gaussians
+    # (LossWeights.flatten 1) 0.00 % / 31.3 / 5.1 in smallest-scale sigma, with entropy 0.06 % / 28.8 / 5.4. The
+    # rasterizer's 2D dilation (tritonsplat.constants.EPS2D, 0.3 px^2 in 3DGS) is part of the inset: at 0.05 px^2
+    # the plain demo gives 1.4 % / 32.5 dB / 2.4, and at 0.01 px^2 with flatten 1, entropy 0.1 and 1,200 t = 0
+    # steps the ball's outermost Gaussians sit 7.6 mm (0.33 px) instead of 43 mm inside, but 0.4 mm thin, so only
+    # 4.0 % reach 0.5 (31.7 dB). metrics.json also reports the readout that always follows the highest-influence
+    # Gaussian (keys *_highest_influence).
 )
 
 # The paper's Table 1 setting (the released README's "differences to paper"): colours hard-fixed after

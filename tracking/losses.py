@@ -549,6 +549,13 @@ def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(p * torch.log(p) + (1 - p) * torch.log1p(-p)).mean()
 
 
+def flatness(scales: torch.Tensor) -> torch.Tensor:
+    """Mean over Gaussians of min_i s_i / max_i s_i, scales [N, 3] positive (LossWeights.flatten): 1 for
+    spheres, -> 0 for flat discs. The largest scale is a detached reference: the gradient shrinks the smallest
+    scale only (d / d log s_min = the ratio), it never inflates the largest."""
+    return (scales.amin(1) / scales.amax(1).detach()).mean()
+
+
 def is_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
@@ -594,6 +601,7 @@ TERMS: tuple[Term, ...] = (
     Term("bg", (NEXT,), lambda ctx: ctx.background(), prior=True),
     Term("colour", (NEXT,), lambda ctx: ctx.colour()),
     Term("opacity_entropy", (FIRST,), lambda ctx: ctx.opacity_entropy(), optional=True),
+    Term("flatten", (FIRST,), lambda ctx: ctx.flatten(), optional=True),
 )
 
 
@@ -631,6 +639,7 @@ __all__ = [
     "total_loss",
     "stacked_total_loss",
     "background_loss",
+    "flatness",
     "floor_loss",
     "image_loss",
     "image_losses",

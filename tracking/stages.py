@@ -156,6 +156,10 @@ class StepContext:
         """Binary entropy of the rendered opacities (LossWeights.opacity_entropy)."""
         return L.binary_entropy(self.act["opacities"])
 
+    def flatten(self) -> torch.Tensor:
+        """Mean smallest-over-largest scale ratio of the rendered Gaussians (LossWeights.flatten)."""
+        return L.flatness(self.act["scales"])
+
     def fg_means(self) -> torch.Tensor:
         if self._fg_means is None:
             self._fg_means = self.act["means"].index_select(0, self.stage.static.fg_idx)

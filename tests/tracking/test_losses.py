@@ -146,6 +146,20 @@ def test_floor_background_colour_terms():
 
 
 # ----------------------------------------------------------------------------- SSIM, PSNR
+def test_flatness_value_and_gradient_by_hand():
+    # A sphere has ratio 1, a (1, 2, 4) ellipsoid 1/4: mean 5/8. Only the smallest scale gets a gradient
+    # (the largest is a detached reference): d/ds_min = 1 / (N s_max), zero for the other two.
+    scales = torch.tensor([[2.0, 2.0, 2.0], [4.0, 1.0, 2.0]], requires_grad=True)
+    value = L.flatness(scales)
+    assert float(value) == pytest.approx(0.625)
+    value.backward()
+    g = scales.grad
+    assert float(g[1, 1]) == pytest.approx(1 / (2 * 4.0))
+    assert float(g[1, 0]) == 0 and float(g[1, 2]) == 0
+    assert float(g[0].sum()) == pytest.approx(1 / (2 * 2.0))  # the tie's gradient goes to one of the three
+    assert float(L.flatness(torch.tensor([[1e-3, 1.0, 1.0]]))) == pytest.approx(1e-3)
+
+
 def test_ssim_identical_is_one_and_shapes():
     img = torch.rand(3, 20, 24)
     assert L.ssim(img, img).item() == pytest.approx(1.0, abs=1e-6)

@@ -68,7 +68,7 @@ def test_bake_renders_as_shaped():
 def test_no_preset_of_the_original_shapes_its_gaussians():
     for name in ("original", "paper", "3gs-online", "demo"):
         cfg = PRESETS[name]
-        assert not ScaleShaping.wanted(cfg) and cfg.weights.opacity_entropy == 0, name
+        assert not ScaleShaping.wanted(cfg) and cfg.weights.opacity_entropy == 0 and cfg.weights.flatten == 0, name
 
 
 def test_binary_entropy():

@@ -46,6 +46,9 @@ def test_terms_table_drives_curves_and_stages():
     assert L.term_names(L.FIRST, TrackingConfig()) == ("im", "seg")
     assert L.term_names(L.FIRST, entropy) == ("im", "seg", "opacity_entropy")
     assert L.term_names(L.NEXT, entropy) == L.term_names(L.NEXT)
+    flatten = TrackingConfig(weights=LossWeights(flatten=0.1))
+    assert L.term_names(L.FIRST, flatten) == ("im", "seg", "flatten")
+    assert L.term_names(L.NEXT, flatten) == L.term_names(L.NEXT)
 
 
 def test_presets():
@@ -75,6 +78,7 @@ def test_missing_stored_keys_compare_equal_to_defaults():
     old["lr"].pop("rgb_next")
     old["densify"].pop("grad_threshold_width")
     old["weights"].pop("opacity_entropy")
+    old["weights"].pop("flatten")
     old["moved_to_elsewhere"] = 1  # a field no longer in the identity is ignored
     assert _describe_mismatch(old, new, defaults) == []
     assert _describe_mismatch(old, TrackingConfig(seed=3, velocity_init=False).identity(), defaults) == [
@@ -90,6 +94,7 @@ def _strip_new_keys(out):
         cfg["lr"].pop("rgb_next", None)
         cfg["densify"].pop("grad_threshold_width", None)
         cfg["weights"].pop("opacity_entropy", None)
+        cfg["weights"].pop("flatten", None)
         f.attrs["config"] = json.dumps(cfg, sort_keys=True)
     meta = json.loads((out / "config.json").read_text())
     for key in NEW_FIELDS:
@@ -97,6 +102,7 @@ def _strip_new_keys(out):
     meta["config"]["lr"].pop("rgb_next", None)
     meta["config"]["densify"].pop("grad_threshold_width", None)
     meta["config"]["weights"].pop("opacity_entropy", None)
+    meta["config"]["weights"].pop("flatten", None)
     (out / "config.json").write_text(json.dumps(meta))
 
 
