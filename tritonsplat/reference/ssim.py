@@ -46,13 +46,13 @@ def _blur(planes: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_S
     horizontal, vertical = _depthwise_windows(P, window, float(sigma), planes.dtype, str(planes.device))
     # The planes as channels of a depthwise (groups = P) convolution in channels-last layout rather than
     # a batch of one-channel images: the same sums up to float32 rounding (tests/reference/test_ssim.py). On one
-    # 2-core AMD EPYC CPU (1 thread, 15 planes of 160 x 90): 0.9 ms forward + backward instead of
-    # 44 ms (2.9 ms depthwise in the default layout); without autograd 0.89 ms against 0.58 ms in the default
-    # layout. On another, AVX2-only (Zen 3, 1 thread), the default layout's depthwise convolution is the slow
-    # one: a step's colour and segmentation L1 + D-SSIM (`l1_dssim_losses`, 2 pairs of 3 x 160 x 90, forward +
-    # backward) took 14-21 ms with it and 7.5-9.8 ms channels-last (interleaved runs, machine shared), with
-    # bit-identical results. So channels-last everywhere: ~0.3 ms lost per blur on the first, ~3 ms gained on
-    # the second.
+    # 2-core AMD EPYC CPU (1 thread, 15 planes of 160 x 90): 0.9 ms forward + backward instead of 44 ms (2.9 ms
+    # depthwise in the default layout); without autograd 0.89 ms against 0.58 ms in the default layout. On
+    # another, AVX2-only (Zen 3, 1 thread; interleaved runs, best of 30), a step's colour and segmentation
+    # L1 + D-SSIM (`l1_dssim_losses`, 2 pairs of 3 x 160 x 90, forward + backward) took 4.9-7.6 ms in the default
+    # layout and 5.1-7.5 ms channels-last on the idle machine, but 14-21 ms against 7.5-9.8 ms while another
+    # process ran on the second core (bit-identical results). So channels-last with or without autograd: at
+    # most ~0.3 ms lost per blur, and no collapse when the cores are shared.
     blurred = F.conv2d(planes.contiguous(memory_format=torch.channels_last), horizontal, padding=(0, pad), groups=P)
     return F.conv2d(blurred, vertical, padding=(pad, 0), groups=P).contiguous()
 
