@@ -7,6 +7,7 @@ Tolerances: exact, except the launch/read budgets (counts, stated with each test
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -29,7 +30,7 @@ QUIET = {"progress": False, "echo": lambda s: None}
 CPU_EAGER_LAUNCHES = 450  # aten ops per t > 0 step on the CPU torch path, besides the rasterizer (measured 294)
 # Fields added to TrackingConfig after runs were first written (an old run.h5 lacks them).
 NEW_FIELDS = ("priors", "velocity_init", "freeze_after_first", "cameras_per_step", "lr_batch_scaling", "log_every",
-              "cuda_graphs", "isotropic", "filter_3d", "filter_3d_opacity")
+              "cuda_graphs", "isotropic", "filter_3d", "filter_3d_opacity", "eps2d")
 
 
 def test_terms_table_drives_curves_and_stages():
@@ -285,3 +286,27 @@ def test_shaped_first_frame_is_baked_into_what_later_frames_and_the_readout_see(
     assert "opacity_entropy" in r.curves(0) and "opacity_entropy" not in r.curves(1)
     assert float(np.abs(r.curves(0)["opacity_entropy"]).min()) > 0
     assert r.n_frames == 3 and np.isfinite(r.curves(2)["loss"]).all()
+
+
+def test_eps2d_reaches_every_render_of_the_fit_and_of_the_result(tiny_scene, tmp_path, monkeypatch):
+    import tritonsplat
+
+    seen = []
+    real = tritonsplat.rasterize
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("eps2d"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    cfg = tiny_config(eps2d=0.05, steps_first=6, steps_per_frame=2)
+    r = tracking.fit(tiny_scene, tmp_path / "sharp", cfg, frames=slice(0, 2), **QUIET)
+    assert seen and set(seen) == {0.05}, sorted(set(map(str, seen)))
+    seen.clear()
+    sharp = r.render(1, r.test_cameras[0])
+    assert seen == [0.05] and tracking.load(tmp_path / "sharp").config.eps2d == 0.05
+    # The dilation changes the image: the same Gaussians rendered with the original's 0.3 differ.
+    monkeypatch.setattr(r, "config", replace(r.config, eps2d=0.3))
+    assert not torch.equal(sharp, r.render(1, r.test_cameras[0]))
+    with pytest.raises(ValueError, match="eps2d"):
+        tiny_config(eps2d=-0.1).validate()
