@@ -412,6 +412,8 @@ class TrackingConfig:
 # end to end (213 s wall, fit 193 s), 31.03 dB, 16,726 Gaussians, survival_3d 100 %; mte_3d 4.93 % of the extent
 # under the 0.5 influence rule (0.06 % of the ground-truth points reach it), 0.87 % following the
 # highest-influence Gaussian. 90 steps per frame: 31.17 dB but 279 s of CPU, too close to 5 minutes.
+# With eps2d 0.05 (below; 2-core AMD EPYC Zen 3, idle, 2 threads, 2026-12-02): 154-166 s end to end, 32.19 dB,
+# 19,297 Gaussians, mte_3d 4.90 % (1.6 % of the points reach 0.5), 0.84 % following the highest-influence Gaussian.
 _DEMO = TrackingConfig(
     preset="demo",
     steps_first=600,
