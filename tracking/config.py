@@ -439,23 +439,22 @@ _DEMO = TrackingConfig(
     # Gaussian 0.87 -> 0.85 % of the extent, query points reaching influence 0.5 0.06 -> 1.6 %, 16,709 -> 19,297
     # Gaussians, 178 -> 154-166 s end to end (two runs; this machine's speed varies).
     eps2d=0.05,
-    # Track readout keeps the documented rule (influence 0.5, else static background) so that mte_3d means the
-    # same in every preset. Few surface points reach 0.5: on the ball the foreground Gaussians' centres sit
-    # 4.9 cm, 2.9 sigma along the surface normal, inside the true surface, where o exp(-d^2 / 2 sigma^2) >= 0.5
-    # needs d <= 1.18 sigma even at o = 1. The rendered foreground alpha at the points is high (median over
-    # points of the lowest over the views that see them: 0.82) but composited from many weak Gaussians: rays
-    # grazing a training silhouette cross many, and the L1-optimal silhouette (alpha 0.5 on the true outline)
-    # pulls the whole shell in. Changing the t = 0 Gaussians did not change that (2-frame fits of this scene, 1
-    # thread, 2026-12-02; share of points reaching 0.5 / test PSNR / inset in sigma): as here 0.06 % / 31.3 dB /
-    # 2.9; opacity entropy 0.1 (opacities -> 0.99) 0.17 % / 28.9 / 2.9; isotropic + entropy 0.69 % / 27.3 / 2.3;
-    # Mip-Splatting's 3D filter 0.2 0.00 % / 30.9 / 2.7, with entropy 0.12 % / 28.6; filter 1 without its
-    # opacity factor + entropy 0.29 % / 27.9 / 2.4; filter 4, 0.23-4.7 % / 19-25 dB / 2.1; flat Gaussians
-    # (LossWeights.flatten 1) 0.00 % / 31.3 / 5.1 in smallest-scale sigma, with entropy 0.06 % / 28.8 / 5.4. The
-    # rasterizer's 2D dilation (tritonsplat.constants.EPS2D, 0.3 px^2 in 3DGS) is part of the inset: at 0.05 px^2
-    # the plain demo gives 1.4 % / 32.5 dB / 2.4, and at 0.01 px^2 with flatten 1, entropy 0.1 and 1,200 t = 0
-    # steps the ball's outermost Gaussians sit 7.6 mm (0.33 px) instead of 43 mm inside, but 0.4 mm thin, so only
-    # 4.0 % reach 0.5 (31.7 dB). metrics.json also reports the readout that always follows the highest-influence
-    # Gaussian (keys *_highest_influence).
+    # Track readout keeps the documented rule (influence 0.5, else static background) so that mte_3d means the same in
+    # every preset. Few surface points reach 0.5: on the ball the foreground Gaussians' centres sit (at eps2d 0.3) 4.9
+    # cm, 2.9 sigma along the surface normal, inside the true surface, where o exp(-d^2 / 2 sigma^2) >= 0.5 needs d <=
+    # 1.18 sigma even at o = 1. The rendered foreground alpha at the points is high (median over points of the lowest
+    # over the views that see them: 0.82) but composited from many weak Gaussians: rays grazing a training silhouette
+    # cross many, and the L1-optimal silhouette (alpha 0.5 on the true outline) pulls the whole shell in. Changing the t
+    # = 0 Gaussians did not change that (2-frame fits of this scene, 1 thread, 2026-12-02, all at the original's 0.3
+    # px^2 dilation unless stated; share of points reaching 0.5 / test PSNR / inset in sigma): the preset 0.06 % / 31.3
+    # dB / 2.9; opacity entropy 0.1 (opacities -> 0.99) 0.17 % / 28.9 / 2.9; isotropic + entropy 0.69 % / 27.3 / 2.3;
+    # Mip-Splatting's 3D filter 0.2 0.00 % / 30.9 / 2.7, with entropy 0.12 % / 28.6; filter 1 without its opacity factor
+    # + entropy 0.29 % / 27.9 / 2.4; filter 4, 0.23-4.7 % / 19-25 dB / 2.1; flat Gaussians (LossWeights.flatten 1) 0.00
+    # % / 31.3 / 5.1 in smallest-scale sigma, with entropy 0.06 % / 28.8 / 5.4. The rasterizer's 2D dilation
+    # (tritonsplat.constants.EPS2D, 0.3 px^2 in 3DGS) is part of the inset: at 0.05 px^2 the plain demo gives 1.4 % /
+    # 32.5 dB / 2.4, and at 0.01 px^2 with flatten 1, entropy 0.1 and 1,200 t = 0 steps the ball's outermost Gaussians
+    # sit 7.6 mm (0.33 px) instead of 43 mm inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). metrics.json
+    # also reports the readout that always follows the highest-influence Gaussian (keys *_highest_influence).
 )
 
 # The paper's Table 1 setting (the released README's "differences to paper"): colours hard-fixed after
