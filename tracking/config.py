@@ -452,9 +452,10 @@ _DEMO = TrackingConfig(
     # + entropy 0.29 % / 27.9 / 2.4; filter 4, 0.23-4.7 % / 19-25 dB / 2.1; flat Gaussians (LossWeights.flatten 1) 0.00
     # % / 31.3 / 5.1 in smallest-scale sigma, with entropy 0.06 % / 28.8 / 5.4. The rasterizer's 2D dilation
     # (tritonsplat.constants.EPS2D, 0.3 px^2 in 3DGS) is part of the inset: at 0.05 px^2 the plain demo gives 1.4 % /
-    # 32.5 dB / 2.4, and at 0.01 px^2 with flatten 1, entropy 0.1 and 1,200 t = 0 steps the ball's outermost Gaussians
-    # sit 7.6 mm (0.33 px) instead of 43 mm inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). metrics.json
-    # also reports the readout that always follows the highest-influence Gaussian (keys *_highest_influence).
+    # 32.5 dB / 2.4, at 0.01 px^2 3.1 % / 32.7 dB / 1.3 (with entropy 0.1: 5.9 % / 29.8 dB / 1.2), and at 0.01 px^2 with
+    # flatten 1, entropy 0.1 and 1,200 t = 0 steps the ball's outermost Gaussians sit 7.6 mm (0.33 px) instead of 43 mm
+    # inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). metrics.json also reports the readout that always
+    # follows the highest-influence Gaussian (keys *_highest_influence).
 )
 
 # The paper's Table 1 setting (the released README's "differences to paper"): colours hard-fixed after
