@@ -310,6 +310,11 @@ class TrackingConfig:
         return replace(self, steps_first=s(self.steps_first), steps_per_frame=s(self.steps_per_frame),
                        spawn_steps=spawn_steps, densify=densify)
 
+    def rasterize_settings(self) -> dict[str, float]:
+        """The rasterizer keywords that this config decides, for the fit's renders and its result's alike:
+        near (in data units) and eps2d."""
+        return {"near": self.near / self.metres_per_unit, "eps2d": self.eps2d}
+
     def validate(self) -> TrackingConfig:
         """Raise ValueError naming the field for impossible values; returns self."""
         if self.steps_first < 1 or self.steps_per_frame < 1:

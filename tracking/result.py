@@ -279,8 +279,7 @@ class TrackingResult:
                 p["means"].to(dev), p["quats"].to(dev), self.scales[:n].to(dev), self.opacities[:n].to(dev),
                 p["rgb"].to(dev), torch.tensor(cam.w2c, dtype=torch.float32, device=dev)[None],
                 torch.tensor(cam.K, dtype=torch.float32, device=dev)[None], cam.width, cam.height,
-                near=self.config.near / self.config.metres_per_unit, eps2d=self.config.eps2d, backgrounds=bg[None],
-                backend=backend or self.config.backend)
+                backgrounds=bg[None], backend=backend or self.config.backend, **self.config.rasterize_settings())
 
     def render(self, t: int, camera, *, colour_correction: str = "auto", device=None, backend: str | None = None
                ) -> torch.Tensor:

@@ -94,9 +94,8 @@ def render(act: dict[str, torch.Tensor], views: Views, index: list[int] | torch.
         extra["color_grad_channels"] = act["colors"].shape[-1] - SEG_CHANNELS
     return tritonsplat.rasterize(
         act["means"], act["quats"], act["scales"], act["opacities"], act["colors"], viewmats, Ks, W, H,
-        near=config.near * 1.0 / config.metres_per_unit, eps2d=config.eps2d, backgrounds=backgrounds,
-        densify_channels=3 if densify else None, deterministic=config.deterministic, backend=config.backend,
-        **extra)
+        backgrounds=backgrounds, densify_channels=3 if densify else None, deterministic=config.deterministic,
+        backend=config.backend, **config.rasterize_settings(), **extra)
 
 
 def colour_correct(rgb_hwc: torch.Tensor, cam_m: torch.Tensor, cam_c: torch.Tensor) -> torch.Tensor:
