@@ -30,7 +30,8 @@ the data or `data_tools` is absent.
   brute force on a CPU. Needs `data_tools`; skipped with the reason when it does not import.
 - `fitted:/path/to/run`: the t = 0 parameters of a tracking run, `tracking.load(path).params(0)`,
   seen from the run's first camera (or, when the run exposes none, from a camera looking at the
-  Gaussians' centroid); the grid's sizes do not apply.
+  Gaussians' centroid); the grid's sizes do not apply. A run with segmentation colours renders as its
+  t = 0 steps do: RGB + segmentation (D = 6) with densify_channels=3 and the run's background.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ class SceneInputs:
     @property
     def n_gaussians(self) -> int:
         return self.means.shape[0]
+
+    def keywords(self) -> dict:
+        """The keywords a tracking step renders this case with (`extra["rasterize_kwargs"]`: basketball-early's
+        densify_channels=3 and background), tensors on the scene's device; {} for the other cases. Every
+        tritonsplat timing of the case passes them (gsplat has no densification head)."""
+        keywords = self.extra.get("rasterize_kwargs", {})
+        return {k: v.to(self.means.device) if isinstance(v, torch.Tensor) else v for k, v in keywords.items()}
 
     def args(self):
         return (self.means, self.quats, self.scales, self.opacities, self.colors, self.viewmats,
@@ -340,11 +348,23 @@ def tracking_run_scene(path: str, width: int = 640, height: int = 360, *, device
         opacities = torch.sigmoid(opacities)
     quats = quats / quats.norm(dim=-1, keepdim=True)
     colors = colors.reshape(means.shape[0], -1).clamp(0, 1)
+    extra: dict = {"source": str(path)}
+    channels = ""
+    if "seg" in params and colors.shape[-1] == 3:
+        # As a tracking step renders the run: RGB + segmentation in one pass (D = 6), the densification head on
+        # the RGB channels, the run's background (black where it has none, as the original's renders).
+        colors = torch.cat([colors, params["seg"].reshape(means.shape[0], -1).to(colors.dtype).clamp(0, 1)], -1)
+        background = torch.zeros(1, colors.shape[-1], dtype=dtype)
+        if getattr(run, "background", None) is not None:
+            background[0, :3] = torch.as_tensor(run.background, dtype=dtype).reshape(-1)[:3]
+        extra["rasterize_kwargs"] = {"densify_channels": 3, "backgrounds": background.to(device)}
+        channels = ", D = 6 (RGB + segmentation), densify_channels=3"
     viewmats, Ks = _tracking_run_camera(run, means, width, height)
     tensors = [t.to(device=device, dtype=dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
     return SceneInputs(*tensors, width=width, height=height,
-                       description=f"fitted: tracking run {path}, t = 0, {means.shape[0]} Gaussians, {width}x{height}",
-                       extra={"source": str(path)})
+                       description=f"fitted: tracking run {path}, t = 0, {means.shape[0]} Gaussians, {width}x{height}"
+                                   f"{channels}",
+                       extra=extra)
 
 
 def _tracking_run_camera(run, means: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,8 +120,10 @@ def render_function(backend: str, scene: SceneInputs) -> Callable[[], tuple[torc
         return lambda: gsplat_rasterize(*scene.args())
     import tritonsplat
 
+    keywords = scene.keywords()
+
     def render() -> tuple[torch.Tensor, int | None]:
-        out = tritonsplat.rasterize(*scene.args(), backend=backend)
+        out = tritonsplat.rasterize(*scene.args(), backend=backend, **keywords)
         return out.colors, out.n_intersections
     return render
 

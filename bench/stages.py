@@ -75,7 +75,7 @@ def measure_stages(backend: str, spec: str, scene: SceneInputs, config: BenchCon
     def forward() -> None:
         out = tritonsplat.rasterize(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"],
                                     leaves["colors"], scene.viewmats, scene.Ks, scene.width, scene.height,
-                                    backend=backend)
+                                    backend=backend, **scene.keywords())
         state["loss"] = out.colors.sum()
         state["n_intersections"] = out.n_intersections
 

@@ -77,7 +77,7 @@ class TrainingStep:
             return colors
         import tritonsplat
 
-        return tritonsplat.rasterize(*args, backend=self.backend).colors
+        return tritonsplat.rasterize(*args, backend=self.backend, **self.scene.keywords()).colors
 
     def forward(self) -> None:
         loss = (self.render() - self.target).abs().mean()

@@ -419,6 +419,8 @@ class TrackingConfig:
 # highest-influence Gaussian. 90 steps per frame: 31.17 dB but 279 s of CPU, too close to 5 minutes.
 # With eps2d 0.05 (below; 2-core AMD EPYC Zen 3, idle, 2 threads, 2026-12-02): 154-166 s end to end, 32.19 dB,
 # 19,297 Gaussians, mte_3d 4.90 % (1.6 % of the points reach 0.5), 0.84 % following the highest-influence Gaussian.
+# On a 2-core Intel Xeon (AVX-512, idle, 2 threads, 2026-12-03): 102 s end to end (fit 90 s), 32.14 dB, 19,266
+# Gaussians, mte_3d 4.90 % (1.2 % reach 0.5), 0.84 % following the highest-influence Gaussian.
 _DEMO = TrackingConfig(
     preset="demo",
     steps_first=600,
@@ -459,8 +461,11 @@ _DEMO = TrackingConfig(
     # (tritonsplat.constants.EPS2D, 0.3 px^2 in 3DGS) is part of the inset: at 0.05 px^2 the plain demo gives 1.4 % /
     # 32.5 dB / 2.4, at 0.01 px^2 3.1 % / 32.7 dB / 1.3 (with entropy 0.1: 5.9 % / 29.8 dB / 1.2), and at 0.01 px^2 with
     # flatten 1, entropy 0.1 and 1,200 t = 0 steps the ball's outermost Gaussians sit 7.6 mm (0.33 px) instead of 43 mm
-    # inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). metrics.json also reports the readout that always
-    # follows the highest-influence Gaussian (keys *_highest_influence).
+    # inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). A floor under the thin axis does not rescue it: the
+    # same with Mip-Splatting's 3D filter as that floor (filter_3d 0.5, no opacity factor; 2-core Intel Xeon, 1 thread,
+    # 2026-12-03) gives 4.6 % / 31.9 dB (median influence at the points 0.15), filter_3d 2 pulls the Gaussians further
+    # in: 1.1 % / 28.9 dB (median 0.11). metrics.json also reports the readout that always follows the
+    # highest-influence Gaussian (keys *_highest_influence).
 )
 
 # The paper's Table 1 setting (the released README's "differences to paper"): colours hard-fixed after

@@ -186,6 +186,9 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
 
     def after_step(step: int, out, index: list[int]) -> None:
         W, H = views.sizes[index[0]]
+        if out.densify_grad is None:   # past the strategy's statistics (Stage.densify_until)
+            strategy.step_post_backward(new, optimizer, dstate, step, gen)
+            return
         grad, radii = view_gradients(out.densify_grad[:, n_old:], len(index)), out.radii[:, n_old:]  # new rows only
         last = grad.shape[0] - 1
         for b in range(last):
@@ -195,7 +198,7 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
 
     order = camera_order(gen, len(views.sizes), config.spawn_steps, config.cameras_per_step)
     stage = make_stage(L.FIRST, t, config.spawn_steps, config, new, optimizer, render_inputs, densify=True,
-                       after_step=after_step, generator=gen)
+                       densify_until=strategy.statistics_until, after_step=after_step, generator=gen)
     try:
         curves = optimise(stage, views, targets, order, n_frames=n_frames, progress=progress, echo=lambda s: None)
     except AllGaussiansPrunedError:

@@ -114,6 +114,12 @@ class DensifyStrategy:
         last = (c.stop // c.every) * c.every
         return last if last >= c.start else -1
 
+    @property
+    def statistics_until(self) -> int:
+        """The last step whose view gradients `accumulate` still counts (`stop`), or -1 when disabled: later
+        renders need no densification head."""
+        return self.config.stop if self.config.enabled else -1
+
     def initialize_state(self, n: int, device: torch.device | str) -> DensifyState:
         z = torch.zeros(n, device=device)
         return DensifyState(grad_sum=z, count=z.clone())

@@ -146,6 +146,15 @@ def test_fitted_case_from_a_tracking_run(monkeypatch):
     assert torch.allclose(scene.quats.norm(dim=-1), torch.ones(n))
     assert scene.Ks[0, 0, 0] == pytest.approx(250.0) and scene.Ks[0, 1, 2] == pytest.approx(90.0)
 
+    assert scene.colors.shape == (n, 3) and scene.keywords() == {}
+
+    # A run with segmentation colours renders as its t = 0 steps do: D = 6, the densification head, a background.
+    params["seg"] = torch.tensor([[1.0, 0.0, 0.0]]).expand(n, 3)
+    scene = make_case("fitted:/runs/demo", 0, 320, 180)
+    assert scene.colors.shape == (n, 6) and torch.equal(scene.colors[:, 3:], params["seg"])
+    keywords = scene.keywords()
+    assert keywords["densify_channels"] == 3 and keywords["backgrounds"].shape == (1, 6)
+
     monkeypatch.setattr(tracking, "load", lambda path: (_ for _ in ()).throw(FileNotFoundError("no run.h5")))
     with pytest.raises(ValueError, match="fitted:/nowhere: could not read a tracking run.*no run.h5"):
         make_case("fitted:/nowhere", 0, 320, 180)
@@ -156,3 +165,29 @@ def test_tracking_step_parts_take_the_case_spec_from_the_command_line():
 
     assert step_case_specs(("random",)) == list(STEP_CASES)
     assert step_case_specs(("basketball-early:/data/bb", "random")) == ["fitted", "basketball-early:/data/bb"]
+
+
+def test_every_tritonsplat_timing_renders_a_case_with_its_keywords(monkeypatch):
+    """basketball-early's densify_channels=3 and background must reach rasterize() in render, step and stages."""
+    import tritonsplat
+    from bench.runner import BenchConfig, render_function
+    from bench.stages import measure_stages
+    from bench.step import TrainingStep
+
+    seen = []
+    real = tritonsplat.rasterize
+
+    def recording(*args, **keywords):
+        seen.append(keywords)
+        return real(*args, **keywords)
+
+    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    scene = random_scene(200, 32, 24)
+    background = torch.full((1, 3), 0.25)
+    scene.extra["rasterize_kwargs"] = {"densify_channels": 2, "backgrounds": background}
+    render_function("torch", scene)()
+    TrainingStep(scene, "torch").forward()
+    measure_stages("torch", "random", scene, BenchConfig(device="cpu", warmup=0, repeats=1), {})
+    assert len(seen) >= 3
+    for keywords in seen:
+        assert keywords["densify_channels"] == 2 and torch.equal(keywords["backgrounds"], background)

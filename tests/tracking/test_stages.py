@@ -310,3 +310,31 @@ def test_eps2d_reaches_every_render_of_the_fit_and_of_the_result(tiny_scene, tmp
     assert not torch.equal(sharp, r.render(1, r.test_cameras[0]))
     with pytest.raises(ValueError, match="eps2d"):
         tiny_config(eps2d=-0.1).validate()
+
+
+def test_the_densification_head_is_rendered_only_while_its_statistics_count(tiny_scene, tmp_path, monkeypatch):
+    """t = 0 renders carry densify_channels up to DensifyConfig.stop (the last step `accumulate` counts) and
+    not after it; t > 0 renders never; the result is the one every step rendering the head would give."""
+    import tritonsplat
+
+    seen = []
+    real = tritonsplat.rasterize
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("densify_channels"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    cfg = tiny_config(steps_first=30, steps_per_frame=3)   # densification stops at step 20
+    lean = tracking.fit(tiny_scene, tmp_path / "lean", cfg, frames=slice(0, 2), **QUIET)
+    assert seen[:21] == [3] * 21 and seen[21:30] == [None] * 9 and set(seen[30:33]) == {None}, seen[:33]
+
+    # Rendering the head on every step changes no bit of the fit (its gradient goes only to densify_grad).
+    from tracking.strategy import DensifyStrategy
+
+    monkeypatch.setattr(DensifyStrategy, "statistics_until", property(lambda self: cfg.steps_first))
+    seen.clear()
+    every = tracking.fit(tiny_scene, tmp_path / "every", cfg, frames=slice(0, 2), **QUIET)
+    assert seen[:30] == [3] * 30
+    for t in range(2):
+        assert torch.equal(lean.means[t], every.means[t]) and torch.equal(lean.quats[t], every.quats[t])
