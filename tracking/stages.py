@@ -16,6 +16,7 @@ stage's hook (`step_once`), and the step's scalars into a device buffer (`Scalar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 import tritonsplat
+from tritonsplat import compilation
 
 from . import losses as L
 from .config import TrackingConfig
@@ -403,16 +405,19 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
         capture.optimise_static(stage, views, targets, order, terms_on, weight_vectors, log, bar, step_once=step_once,
                                 render=render)
         return log.curves
-    for step in range(stage.steps):
-        poison = fault_at(stage.t, step) == "nan"
-        index = rank_cameras(order[step], stage.world)   # this rank's share of the step's cameras
-        _, loss, psnr, terms = step_once(stage, views, targets, index, terms_on, weight_vectors, step=step)
-        log.record(step, loss, psnr, terms, poison)
-        if log.due() or step == stage.steps - 1:
-            check_in_sync(_optimised(stage.optimizer), stage.world, f"frame {stage.t}, step {step}")
-            last = log.flush()
-            if last is not None:
-                bar.update(step + 1, *last, stage.params["means"].shape[0])
+    # Every step of a t > 0 stage renders the same Gaussians, so torch.compile's static-shape graphs pay on the
+    # CPU too (tritonsplat.compilation); t = 0 and spawn stages change the Gaussian count as they densify.
+    with compilation.allow_cpu() if stage.name == L.NEXT else contextlib.nullcontext():
+        for step in range(stage.steps):
+            poison = fault_at(stage.t, step) == "nan"
+            index = rank_cameras(order[step], stage.world)   # this rank's share of the step's cameras
+            _, loss, psnr, terms = step_once(stage, views, targets, index, terms_on, weight_vectors, step=step)
+            log.record(step, loss, psnr, terms, poison)
+            if log.due() or step == stage.steps - 1:
+                check_in_sync(_optimised(stage.optimizer), stage.world, f"frame {stage.t}, step {step}")
+                last = log.flush()
+                if last is not None:
+                    bar.update(step + 1, *last, stage.params["means"].shape[0])
     return log.curves
 
 
