@@ -31,7 +31,7 @@ the data or `data_tools` is absent.
 - `fitted:/path/to/run`: the t = 0 parameters of a tracking run, `tracking.load(path).params(0)`,
   seen from the run's first camera (or, when the run exposes none, from a camera looking at the
   Gaussians' centroid); the grid's sizes do not apply. A run with segmentation colours renders as its
-  t = 0 steps do: RGB + segmentation (D = 6) with densify_channels=3 and the run's background.
+  densifying t = 0 steps do: RGB + segmentation (D = 6) with densify_channels=3 and the run's background.
 """
 
 from __future__ import annotations
@@ -351,12 +351,15 @@ def tracking_run_scene(path: str, width: int = 640, height: int = 360, *, device
     extra: dict = {"source": str(path)}
     channels = ""
     if "seg" in params and colors.shape[-1] == 3:
-        # As a tracking step renders the run: RGB + segmentation in one pass (D = 6), the densification head on
-        # the RGB channels, the run's background (black where it has none, as the original's renders).
+        # As a densifying t = 0 step renders the run: RGB + segmentation in one pass (D = 6), the densification
+        # head on the RGB channels, the run's background (`tracking.targets.Views`: black where the data has
+        # none; a blue segmentation background where uncovered pixels count as background).
         colors = torch.cat([colors, params["seg"].reshape(means.shape[0], -1).to(colors.dtype).clamp(0, 1)], -1)
         background = torch.zeros(1, colors.shape[-1], dtype=dtype)
         if getattr(run, "background", None) is not None:
             background[0, :3] = torch.as_tensor(run.background, dtype=dtype).reshape(-1)[:3]
+        if getattr(getattr(run, "config", None), "uncovered_is_background", False):
+            background[0, 5] = 1.0
         extra["rasterize_kwargs"] = {"densify_channels": 3, "backgrounds": background.to(device)}
         channels = ", D = 6 (RGB + segmentation), densify_channels=3"
     viewmats, Ks = _tracking_run_camera(run, means, width, height)

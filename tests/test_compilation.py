@@ -7,32 +7,59 @@ reorders the arithmetic), so outputs and gradients are compared at float32 round
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
 import torch
 
+import tracking
+from data_tools import make_synthetic_scene
+from tests.tracking.conftest import tiny_config
+from tracking import losses as L
 from tritonsplat import compilation
 from tritonsplat.reference import projection
 from tritonsplat.settings import RenderSettings, standard_clamp_limits
 
 
+@pytest.fixture(autouse=True)
+def _fresh_wrappers():
+    """No test leaves a compiled (or patched) function cached in the package's wrappers."""
+    compilation.reset()
+    yield
+    compilation.reset()
+
+
 def test_when_compiled_code_is_wanted(monkeypatch):
     monkeypatch.delenv(compilation.ENV, raising=False)
-    assert compilation.wanted("cuda") and not compilation.wanted("cpu")
-    with compilation.allow_cpu():
-        assert not compilation.wanted("cpu")   # the CPU compiles only when asked for
+    assert not compilation.wanted("cpu") and not compilation.wanted("cuda")
+    assert compilation.wanted("cuda", cuda_by_default=True) and not compilation.wanted("cpu", cuda_by_default=True)
+    with compilation.fixed_shapes():
+        assert not compilation.wanted("cpu") and not compilation.wanted("cuda")   # only when asked for
     monkeypatch.setenv(compilation.ENV, "1")
-    assert compilation.wanted("cuda") and not compilation.wanted("cpu")
-    with compilation.allow_cpu():
-        assert compilation.wanted("cpu")
-        with compilation.allow_cpu():
+    assert not compilation.wanted("cpu") and compilation.wanted("cuda", cuda_by_default=True)
+    with compilation.fixed_shapes():
+        assert compilation.wanted("cpu") and compilation.wanted("cuda")
+        with compilation.fixed_shapes():
             assert compilation.wanted("cpu")
         assert compilation.wanted("cpu")
     assert not compilation.wanted("cpu")
     monkeypatch.setenv(compilation.ENV, "0")
-    with compilation.allow_cpu():
-        assert not compilation.wanted("cpu") and not compilation.wanted("cuda")
+    with compilation.fixed_shapes():
+        assert not compilation.wanted("cpu") and not compilation.wanted("cuda", cuda_by_default=True)
+
+
+def test_the_fixed_shapes_context_is_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setenv(compilation.ENV, "1")
+    seen = []
+    with compilation.fixed_shapes():
+        thread = threading.Thread(target=lambda: seen.append(compilation.wanted("cpu")))
+        thread.start()
+        thread.join()
+        assert compilation.wanted("cpu")
+    assert seen == [False]
 
 
 def test_a_failed_compile_warns_once_and_falls_back_to_eager(monkeypatch):
@@ -40,32 +67,48 @@ def test_a_failed_compile_warns_once_and_falls_back_to_eager(monkeypatch):
     calls = []
 
     def broken_compile(function, **kwargs):
-        calls.append(function)
-        raise RuntimeError("no C++ compiler")
+        calls.append(kwargs)
+
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     double = compilation.compiled(lambda x: 2 * x, "doubling")
     x = torch.arange(3.0)
-    with compilation.allow_cpu():
+    with compilation.fixed_shapes():
         with pytest.warns(UserWarning, match="torch.compile of doubling failed.*no C\\+\\+ compiler"):
             assert torch.equal(double(x), 2 * x)
+        assert double.failed()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(double(x), 2 * x)   # eager from now on, silently
-    assert len(calls) == 1
+    assert calls == [{"dynamic": False}]
     # Where not wanted, the eager function runs and nothing compiles.
     assert torch.equal(compilation.compiled(lambda x: x + 1, "increment")(x), x + 1)
     assert len(calls) == 1
 
 
+def test_an_error_of_the_function_itself_is_raised_and_keeps_compiling(monkeypatch):
+    monkeypatch.setenv(compilation.ENV, "1")
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
+
+    def strict(x):
+        if (x < 0).any():
+            raise ValueError("x: expected non-negative values")
+        return x.sqrt()
+
+    wrapped = compilation.compiled(strict, "strict")
+    with compilation.fixed_shapes(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="non-negative"):
+            wrapped(torch.tensor([-1.0]))
+        assert not wrapped.failed()
+
+
 def test_only_the_t_gt_0_steps_of_a_fit_allow_compiled_code_on_the_cpu(monkeypatch, tmp_path):
     """With TRITONSPLAT_COMPILE=1: a t > 0 stage renders the same Gaussians at every step; t = 0 densifies (new
     shapes at every refinement)."""
-    import importlib
-
-    import tracking
-    from tracking import losses as L
-
     stages = importlib.import_module("tracking.stages")
     monkeypatch.setenv(compilation.ENV, "1")
     seen = {}
@@ -76,11 +119,8 @@ def test_only_the_t_gt_0_steps_of_a_fit_allow_compiled_code_on_the_cpu(monkeypat
         return real(stage, *args, **kwargs)
 
     monkeypatch.setattr(stages, "step_once", recording)
-    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)   # record, compile nothing
-    from tests.tracking.conftest import tiny_config
-
-    from data_tools import make_synthetic_scene
-
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)   # record, compile nothing (reset
+    # by the fixture)
     make_synthetic_scene(tmp_path / "data", cameras=3, test_cameras=1, width=24, height=18, frames=2, seed=1)
     tracking.fit(tmp_path / "data", tmp_path / "out", tiny_config(steps_first=4, steps_per_frame=2), progress=False,
                  echo=lambda *a: None)
@@ -108,7 +148,7 @@ def test_compiled_projection_matches_eager(monkeypatch):
         function, **kwargs))
     project = compilation.compiled(projection.project_gaussians, "the projection (test)")
     settings = RenderSettings(width=80, height=60)
-    with compilation.allow_cpu():
+    with compilation.fixed_shapes():
         for n in (257, 600):
             means, quats, scales, opacities, viewmats, Ks = _scene(n, seed=n)
             limits = standard_clamp_limits(Ks, settings.width, settings.height)
@@ -125,4 +165,4 @@ def test_compiled_projection_matches_eager(monkeypatch):
                 torch.testing.assert_close(getattr(compiled_out, name), getattr(eager_out, name), rtol=1e-5, atol=1e-6)
             for a, b in zip(compiled_grads, eager_grads):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert compiles == [projection.project_gaussians]   # the compiled path ran
+    assert compiles == [projection.project_gaussians] and not project.failed()   # the compiled path ran

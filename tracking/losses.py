@@ -489,21 +489,22 @@ def _rigidity(means, quats, prev_means, prev_quats, neighbour_indices, neighbour
     return {"rigid": rigid, "rot": rot, "iso": iso}
 
 
-_compiled_relative_rotations = compiled(_relative_rotations, "the rigidity losses' relative rotations")
-_compiled_rigidity_terms = compiled(_rigidity_terms, "the rigidity losses")
+_compiled_relative_rotations = compiled(_relative_rotations, "the rigidity losses' relative rotations",
+                                        cuda_by_default=True)
+_compiled_rigidity_terms = compiled(_rigidity_terms, "the rigidity losses", cuda_by_default=True)
 
 
 def rigidity_losses_fast(means, quats, prev_means, prev_quats, neighbour_indices, neighbour_weights,
                          initial_distances, prev_offsets=None) -> dict[str, torch.Tensor]:
     """`rigidity_losses` with its pointwise parts through `torch.compile` where `tritonsplat.compilation.wanted`
     (CUDA; the CPU's t > 0 steps with TRITONSPLAT_COMPILE=1): a few fused kernels instead of ~200 small ones; the
-    gathers stay eager and deterministic. Eager otherwise, or after a compilation failure (warned once). On the
-    Panoptic quick check's frame 4 (2-core Intel Xeon, 2 threads, 2026-12-03): 11.8 steps/s eager, 13.2 with the
-    projection compiled, 15.2 with these terms too."""
+    gathers stay eager and deterministic. `rigidity_losses` (the written-out gradient) otherwise and after a failed
+    compile (warned once). Speed: `tritonsplat.compilation`."""
     args = (means, quats, prev_means, prev_quats, neighbour_indices, neighbour_weights, initial_distances)
-    if not wanted(means.device):
+    compiled_parts = (_compiled_relative_rotations, _compiled_rigidity_terms)
+    if not wanted(means.device, cuda_by_default=True) or any(part.failed() for part in compiled_parts):
         return rigidity_losses(*args, prev_offsets)
-    return _rigidity(*args, _compiled_relative_rotations, _compiled_rigidity_terms, prev_offsets)
+    return _rigidity(*args, *compiled_parts, prev_offsets)
 
 
 def floor_loss(fg_means: torch.Tensor, floor_y: float) -> torch.Tensor:

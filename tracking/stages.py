@@ -405,9 +405,9 @@ def optimise(stage: Stage, views: Views, targets: FrameTargets, order: list[list
         capture.optimise_static(stage, views, targets, order, terms_on, weight_vectors, log, bar, step_once=step_once,
                                 render=render)
         return log.curves
-    # Every step of a t > 0 stage renders the same Gaussians, so torch.compile's static-shape graphs pay on the
-    # CPU too (tritonsplat.compilation); t = 0 and spawn stages change the Gaussian count as they densify.
-    with compilation.allow_cpu() if stage.name == L.NEXT else contextlib.nullcontext():
+    # Every step of a t > 0 stage renders the same Gaussians: with TRITONSPLAT_COMPILE=1 torch.compile's static
+    # graphs run there (tritonsplat.compilation); t = 0 and spawn stages change the Gaussian count as they densify.
+    with compilation.fixed_shapes() if stage.name == L.NEXT else contextlib.nullcontext():
         for step in range(stage.steps):
             poison = fault_at(stage.t, step) == "nan"
             index = rank_cameras(order[step], stage.world)   # this rank's share of the step's cameras

@@ -10,25 +10,31 @@ on-disk cache saves a later process only part of that.
 
 When it is used (`wanted`):
 - ``TRITONSPLAT_COMPILE=0``: never.
-- unset (or any other value): on CUDA only.
-- ``TRITONSPLAT_COMPILE=1``: on CUDA, and on the CPU inside `allow_cpu()`, which long loops of fixed
-  shapes take: the t > 0 steps of `tracking.fit`, where every step renders the same Gaussians. Off by
-  default on the CPU because the compile costs more than short fits save: on the README's Panoptic
-  quick check (3 frames, 100 steps per t > 0 frame; 2-core Intel Xeon, 2 threads, 2026-12-03) frame 1
-  took 33.6 s with a cold Inductor cache and 21.7 s with a warm one against 8.0 s eager, while frame 2
-  ran at 13.9 steps/s against 12.2 eager; resumed for frames 3-5 (warm cache): 12.5 s for frame 3 against
-  9.3 s, then 12.4 / 12.7 steps/s against 11.8 / 11.8. That is 4-10 ms a step, 8-20 s per frame of the
-  original's 2,000 steps, against the one-time 3-26 s. A single `rasterize()` on the CPU never compiles.
+- unset (or any other value): only functions compiled with ``cuda_by_default`` (the rigidity terms), on
+  CUDA, with dynamic shapes (one graph for every Gaussian count).
+- ``TRITONSPLAT_COMPILE=1``: besides, every wrapped function inside `fixed_shapes()`, on any device,
+  with static shapes. `tracking` enters it for the t > 0 steps of a fit, where every step renders the
+  same Gaussians. Off by default on the CPU because the compile costs more than short fits save: on the
+  README's Panoptic quick check (3 frames, 100 steps per t > 0 frame; 2-core Intel Xeon, 2 threads,
+  2026-12-03) frame 1 took 33.6 s with a cold Inductor cache and 21.7 s with a warm one against 8.0 s
+  eager, while frame 2 ran at 13.9 steps/s against 12.2 eager; resumed for frames 3-5 (warm cache):
+  12.5 s for frame 3 against 9.3 s, then 12.4 / 12.7 steps/s against 11.8 / 11.8. That is 4-10 ms a
+  step, 8-20 s per frame of the original's 2,000 steps, against the one-time 3-26 s. A `rasterize()`
+  outside such a loop never compiles.
 
-A failure to compile or to run the compiled function warns once and falls back to eager code for the
-rest of the process (no C++ compiler, an unsupported torch build, ...). Compiled and eager code agree
-up to floating-point rounding, like the two backends; a run resumes bit-identically on the CPU as long
-as the setting is the same.
+A failure to compile at the first call warns once and falls back to eager code for the rest of the
+process (no C++ compiler, an unsupported torch build, ...); an error that the eager function raises
+too is raised as it is. The backward graph compiles at the first backward, outside this wrapper: its
+failure raises. Compiled and eager code agree up to floating-point rounding, like the two backends, so
+a CPU run resumes bit-identically with the same setting as long as every shape keeps its graph
+(torch._dynamo falls back to eager after its recompile limit of distinct shapes, which a fit that
+spawns Gaussians at many frames can reach).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import warnings
@@ -38,7 +44,9 @@ import torch
 
 ENV = "TRITONSPLAT_COMPILE"
 
-_cpu_allowed = 0   # depth of nested `allow_cpu()` contexts
+# Depth of nested `fixed_shapes()` contexts in this thread / task (a render elsewhere is not affected).
+_fixed_shapes: contextvars.ContextVar[int] = contextvars.ContextVar("tritonsplat_fixed_shapes", default=0)
+_wrappers: list[dict] = []   # every wrapper's state, for `reset`
 
 
 def _setting() -> str | None:
@@ -47,25 +55,37 @@ def _setting() -> str | None:
     return value if value in ("0", "1") else None
 
 
-def wanted(device: torch.device | str) -> bool:
-    """Whether compiled code should run for tensors on `device` (the module docstring's rule)."""
+def _mode(device: torch.device | str, cuda_by_default: bool) -> str | None:
+    """"dynamic" or "static" (how to compile for `device`), or None (run eagerly)."""
     setting = _setting()
     if setting == "0":
-        return False
-    if torch.device(device).type == "cuda":
-        return True
-    return setting == "1" and _cpu_allowed > 0
+        return None
+    if cuda_by_default and torch.device(device).type == "cuda":
+        return "dynamic"
+    if setting == "1" and _fixed_shapes.get() > 0:
+        return "static"
+    return None
+
+
+def wanted(device: torch.device | str, *, cuda_by_default: bool = False) -> bool:
+    """Whether a wrapped function runs compiled for tensors on `device` (the module docstring's rule)."""
+    return _mode(device, cuda_by_default) is not None
 
 
 @contextlib.contextmanager
-def allow_cpu() -> Iterator[None]:
-    """Within this context, compiled code also runs on the CPU when TRITONSPLAT_COMPILE=1."""
-    global _cpu_allowed
-    _cpu_allowed += 1
+def fixed_shapes() -> Iterator[None]:
+    """A loop whose calls keep their shapes: with TRITONSPLAT_COMPILE=1, wrapped functions compile here."""
+    token = _fixed_shapes.set(_fixed_shapes.get() + 1)
     try:
         yield
     finally:
-        _cpu_allowed -= 1
+        _fixed_shapes.reset(token)
+
+
+def reset() -> None:
+    """Forget every wrapper's compiled functions and failures (tests)."""
+    for state in _wrappers:
+        state.clear()
 
 
 def _first_device(args, kwargs) -> torch.device | None:
@@ -75,30 +95,35 @@ def _first_device(args, kwargs) -> torch.device | None:
     return None
 
 
-def compiled(function: Callable, name: str) -> Callable:
-    """`function` behind `torch.compile(dynamic=False)` where `wanted`, eager elsewhere and after a failure.
+def compiled(function: Callable, name: str, *, cuda_by_default: bool = False) -> Callable:
+    """`function` through `torch.compile` where `wanted`, eager elsewhere and after a failed compile.
 
-    Static shapes: each new input shape compiles a new graph (up to torch._dynamo's recompile limit, then
-    eager), so it pays where shapes stay fixed for many calls (a t > 0 frame: every step has the same
-    Gaussians). With dynamic=True (torch 2.13, CPU) a backward compiled for one Gaussian count asserted
-    on the gradient strides of another instead of recompiling.
+    Inside `fixed_shapes()` the graphs are static: each new input shape compiles its own (up to
+    torch._dynamo's recompile limit, then eager). With dynamic=True (torch 2.13, CPU) a backward compiled
+    for one Gaussian count asserted on the gradient strides of another instead of recompiling. The CUDA
+    default (`cuda_by_default`) keeps dynamic shapes, as the rigidity terms always had. `.failed()` says
+    whether the compile failed (the caller may then prefer another eager path).
     """
     state: dict = {}
+    _wrappers.append(state)
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         device = _first_device(args, kwargs)
-        if state.get("failed") or device is None or not wanted(device):
+        mode = None if device is None or state.get("failed") else _mode(device, cuda_by_default)
+        if mode is None:
             return function(*args, **kwargs)
+        if mode not in state:
+            state[mode] = torch.compile(function, dynamic=mode == "dynamic")
         try:
-            if "compiled" not in state:
-                state["compiled"] = torch.compile(function, dynamic=False)
-            return state["compiled"](*args, **kwargs)
+            return state[mode](*args, **kwargs)
         except Exception as exc:   # the toolchain decides; the eager result is always available
+            result = function(*args, **kwargs)   # an error of the function itself raises here, as eagerly
             state["failed"] = True
             warnings.warn(f"torch.compile of {name} failed ({type(exc).__name__}: {str(exc)[:160]}); using eager "
                           f"PyTorch (set {ENV}=0 to skip the attempt)", stacklevel=2)
-            return function(*args, **kwargs)
+            return result
 
     call.eager = function
+    call.failed = lambda: bool(state.get("failed"))
     return call
