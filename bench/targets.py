@@ -27,7 +27,8 @@ class Target:
         backends: backends it applies to (None: all).
         device_contains: substring of the device name it is stated for ("H100"), "cpu", or None.
         n_gaussians, resolution: the stated setting, or None for any.
-        cases: scenes it is stated for, or None for any.
+        cases: scenes it is stated for, or None for any; case_prefix: the same for case specs with an argument
+            ("basketball-early" also matches "basketball-early:/data"; "fitted:" matches only a tracking run).
         check: (record, peers of the same run) -> (passed or None, "value vs threshold" text).
     """
 
@@ -41,9 +42,19 @@ class Target:
     n_gaussians: int | None = None
     resolution: tuple[int, int] | None = None
     cases: tuple[str, ...] | None = None
+    case_prefix: str | None = None   # "basketball-early" also matches "basketball-early:DATA"
 
     def as_dict(self) -> dict:
         return {"id": self.id, "text": self.text}
+
+    def matches_case(self, case: str) -> bool:
+        if self.cases is not None and case not in self.cases:
+            return False
+        if self.case_prefix is None:
+            return True
+        if self.case_prefix.endswith(":"):   # "fitted:": only a case with an argument
+            return case.startswith(self.case_prefix)
+        return case.partition(":")[0] == self.case_prefix
 
 
 def _gsplat_peer(record: Record, peers: Sequence[Record]) -> Record | None:
@@ -126,6 +137,21 @@ TARGETS: tuple[Target, ...] = (
     Target("torch_cpu_forward_backward", "torch backend forward + backward <= 2 s at 50k Gaussians, 640x360, "
            "2 CPU cores", "step", "forward_backward", _check_milliseconds(2000.0), backends=("torch",),
            device_contains="cpu", n_gaussians=50_000, resolution=(640, 360), cases=RANDOM_CASES),
+    # The torch backend's tile compositor on 2 CPU cores (forward + backward, `python -m bench stages`).
+    Target("torch_cpu_basketball_early", "torch backend forward + backward <= 0.05 s on basketball-early (8,441 "
+           "Gaussians, 160x90, D = 6, densify_channels=3), 2 CPU cores", "stages", "forward_backward",
+           _check_milliseconds(50.0), backends=("torch",), device_contains="cpu", resolution=(160, 90),
+           case_prefix="basketball-early"),
+    Target("torch_cpu_fitted_run", "torch backend forward + backward <= 0.05 s at 160x90 on a fitted run "
+           "(fitted:RUN, basketball after 300+ steps, ~30k Gaussians, D = 6), 2 CPU cores", "stages",
+           "forward_backward", _check_milliseconds(50.0), backends=("torch",), device_contains="cpu",
+           resolution=(160, 90), case_prefix="fitted:"),
+    Target("torch_cpu_fitted", "torch backend forward + backward <= 0.3 s at 50k Gaussians, 640x360, fitted, "
+           "2 CPU cores", "stages", "forward_backward", _check_milliseconds(300.0), backends=("torch",),
+           device_contains="cpu", n_gaussians=50_000, resolution=(640, 360), cases=("fitted",)),
+    Target("torch_cpu_random", "torch backend forward + backward <= 0.2 s at 50k Gaussians, 640x360, random, "
+           "2 CPU cores", "stages", "forward_backward", _check_milliseconds(200.0), backends=("torch",),
+           device_contains="cpu", n_gaussians=50_000, resolution=(640, 360), cases=("random",)),
     Target("intersections", "intersections within 1.1x of the exact minimum", "stages", "forward_backward",
            _check_intersections),
     Target("rigidity_h100", "rigidity losses < 1 ms per step at 100k foreground Gaussians, one H100", "step",
@@ -135,15 +161,17 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
+def targets_for(record: Record) -> list[Target]:
+    """The targets about this record's benchmark, metric and backend (in TARGETS order)."""
+    return [target for target in TARGETS
+            if target.benchmark == record.benchmark and target.metric == record.metric
+            and (target.backends is None or record.backend in target.backends)]
+
+
 def target_for(record: Record) -> Target | None:
-    """The target about this record's benchmark, metric and backend, if any."""
-    for target in TARGETS:
-        if target.benchmark != record.benchmark or target.metric != record.metric:
-            continue
-        if target.backends is not None and record.backend not in target.backends:
-            continue
-        return target
-    return None
+    """The first target about this record's benchmark, metric and backend, if any."""
+    targets = targets_for(record)
+    return targets[0] if targets else None
 
 
 def _why_not_applicable(target: Target, record: Record, device_only: bool = False) -> str | None:
@@ -157,8 +185,8 @@ def _why_not_applicable(target: Target, record: Record, device_only: bool = Fals
                 return f"not measured on this device (target is for an {target.device_contains})"
     if device_only:
         return None
-    if target.cases is not None and record.case not in target.cases:
-        return f"target is for the {'/'.join(target.cases)} scene"
+    if not target.matches_case(record.case):
+        return f"target is for the {'/'.join(target.cases or (target.case_prefix.rstrip(':') + '...',))} scene"
     if target.n_gaussians is not None and record.n_gaussians != target.n_gaussians:
         return f"target is at {target.n_gaussians // 1000}k Gaussians"
     if target.resolution is not None and (record.width, record.height) != target.resolution:
@@ -167,48 +195,74 @@ def _why_not_applicable(target: Target, record: Record, device_only: bool = Fals
 
 
 def apply_targets(records: Sequence[Record]) -> None:
-    """Fill target, meets_target and target_status of every record of one run, in place."""
+    """Fill target, meets_target and target_status of every record of one run, in place.
+
+    A record that several targets apply to (a stages record: a time target and the intersection target)
+    gets the first as `target`, all of them in details["targets"] ({id, text, meets_target, status}), a
+    status joining theirs with "; ", and meets_target True only when none fails.
+    """
     for record in records:
         if record.skipped is not None:
             record.target_status = f"N/A: skipped ({record.skipped})"
             continue
-        target = target_for(record)
-        if target is None:
+        targets = targets_for(record)
+        if not targets:
             record.target_status = "N/A: no target for this measurement"
             continue
-        record.target = target.as_dict()
-        reason = _why_not_applicable(target, record)
-        if reason is not None:
+        outcomes = []
+        first_reason = None
+        for target in targets:
+            reason = _why_not_applicable(target, record)
+            if reason is not None:
+                first_reason = first_reason or reason
+                continue
+            passed, text = target.check(record, records)
+            if record.device == "cpu" and target.device_contains == "cpu":
+                cores = machine_info("cpu")["cpu_count"]
+                if cores != 2:
+                    text += f" (measured with {cores} cores, target is for 2)"
+            outcomes.append((target, passed, {True: "PASS", False: "MISS", None: "N/A"}[passed] + ": " + text))
+        record.details.pop("targets", None)
+        if not outcomes:
+            record.target = targets[0].as_dict()
             record.meets_target = None
-            record.target_status = f"N/A: {reason}"
+            record.target_status = f"N/A: {first_reason}"
             continue
-        passed, text = target.check(record, records)
-        if record.device == "cpu" and target.device_contains == "cpu":
-            cores = machine_info("cpu")["cpu_count"]
-            if cores != 2:
-                text += f" (measured with {cores} cores, target is for 2)"
-        record.meets_target = passed
-        record.target_status = {True: "PASS", False: "MISS", None: "N/A"}[passed] + ": " + text
+        record.target = outcomes[0][0].as_dict()
+        verdicts = [passed for _, passed, _ in outcomes if passed is not None]
+        record.meets_target = all(verdicts) if verdicts else None
+        record.target_status = "; ".join(status for _, _, status in outcomes)
+        if len(outcomes) > 1:
+            record.details["targets"] = [dict(target.as_dict(), meets_target=passed, status=status)
+                                         for target, passed, status in outcomes]
+
+
+def _verdicts(record: Record) -> list[tuple[str, bool | None, str]]:
+    """(target id, meets_target, status) of every target applied to the record."""
+    if "targets" in record.details:
+        return [(t["id"], t["meets_target"], t["status"]) for t in record.details["targets"]]
+    if record.target is None:
+        return []
+    return [(record.target["id"], record.meets_target, record.target_status)]
 
 
 def target_summary(records: Sequence[Record]) -> list[tuple[str, str]]:
     """One line per target: its status in this run, or why it was not measured."""
     lines = []
     for target in TARGETS:
-        relevant = [r for r in records if r.target is not None and r.target["id"] == target.id
-                    and r.meets_target is not None]
-        if not relevant:
-            related = [r for r in records if r.target is not None and r.target["id"] == target.id]
-            if related:
-                status = related[0].target_status
+        verdicts = [(meets, status) for r in records for tid, meets, status in _verdicts(r) if tid == target.id]
+        decided = [(meets, status) for meets, status in verdicts if meets is not None]
+        if not decided:
+            if verdicts:
+                status = verdicts[0][1]
             elif target.device_contains and records and _why_not_applicable(target, records[0], device_only=True):
                 status = "N/A: " + _why_not_applicable(target, records[0], device_only=True)
             else:
                 status = "N/A: not measured in this run"
-        elif all(r.meets_target for r in relevant):
-            status = relevant[0].target_status
+        elif all(meets for meets, _ in decided):
+            status = decided[0][1]
         else:
-            status = next(r.target_status for r in relevant if not r.meets_target)
+            status = next(status for meets, status in decided if not meets)
         lines.append((target.text, status))
     return lines
 

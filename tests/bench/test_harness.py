@@ -23,7 +23,7 @@ from bench.harness import (
     write_json_atomic,
     write_results,
 )
-from bench.targets import apply_targets, format_summary, format_table
+from bench.targets import apply_targets, format_summary, format_table, target_summary
 
 
 class FakeClock:
@@ -171,9 +171,40 @@ def test_targets_pass_miss_and_not_measured_here():
 
 
 def test_intersection_target_reads_the_report():
-    record = _record(benchmark="stages", details={"intersections": {"ellipse_over_exact": 1.003}})
+    record = _record(benchmark="stages", n_gaussians=10_000, details={"intersections": {"ellipse_over_exact": 1.003}})
     apply_targets([record])
-    assert record.meets_target is True
+    assert record.meets_target is True and record.target["id"] == "intersections"
+
+
+def test_stage_records_get_the_torch_cpu_targets_and_the_intersection_target():
+    """The tile compositor's targets (2 CPU cores): each with its case, size and resolution, beside the
+    intersection target of every stages record; one miss fails the record."""
+    report = {"intersections": {"ellipse_over_exact": 1.002}}
+
+    def stage(case, n, size, ms):
+        return _record(benchmark="stages", case=case, n_gaussians=n, width=size[0], height=size[1],
+                       timing=Timing((ms,)), details=dict(report))
+
+    early = stage("basketball-early:/data/basketball", 8441, (160, 90), 44.0)
+    run = stage("fitted:runs/bb", 32_744, (160, 90), 79.6)
+    fitted = stage("fitted", 50_000, (640, 360), 252.0)
+    random_scene = stage("random", 50_000, (640, 360), 215.0)
+    fitted_small = stage("fitted", 10_000, (640, 360), 90.0)
+    fitted_tiny = stage("fitted", 10_000, (160, 90), 90.0)   # the synth-derived case, not a run
+    records = [early, run, fitted, random_scene, fitted_small, fitted_tiny]
+    apply_targets(records)
+    ids = [[t["id"] for t in r.details.get("targets", [])] for r in records]
+    assert ids[:4] == [["torch_cpu_basketball_early", "intersections"], ["torch_cpu_fitted_run", "intersections"],
+                       ["torch_cpu_fitted", "intersections"], ["torch_cpu_random", "intersections"]]
+    assert early.meets_target is True and early.target_status.startswith("PASS: 44 ms <= 50 ms; PASS: ellipse")
+    assert run.meets_target is False and "gap 1.59x" in run.target_status and "PASS: ellipse" in run.target_status
+    assert fitted.meets_target is True and random_scene.meets_target is False
+    # The plain `fitted` case at another size: no time target applies, the intersection target does.
+    assert fitted_small.target["id"] == "intersections" and fitted_small.meets_target is True
+    assert fitted_tiny.target["id"] == "intersections" and fitted_tiny.meets_target is True
+    summary = dict(target_summary(records))
+    assert summary[next(t for t in summary if "basketball-early" in t)].startswith("PASS")
+    assert summary[next(t for t in summary if "fitted:RUN" in t)].startswith("MISS")
 
 
 def test_records_round_trip_through_json(tmp_path):
