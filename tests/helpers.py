@@ -370,3 +370,19 @@ def count_host_work(function, *args, **kwargs) -> tuple[object, HostWork]:
         for owner, attribute, original in reversed(patches):
             setattr(owner, attribute, original)
     return result, work
+
+
+def record_rasterize_keywords(monkeypatch) -> list[dict]:
+    """Wrap `tritonsplat.rasterize` (restored by monkeypatch): every call still renders, and its keyword
+    arguments are appended to the returned list."""
+    import tritonsplat
+
+    seen: list[dict] = []
+    real = tritonsplat.rasterize
+
+    def recording(*args, **keywords):
+        seen.append(keywords)
+        return real(*args, **keywords)
+
+    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    return seen

@@ -126,6 +126,5 @@ def compiled(function: Callable, name: str, *, cuda_by_default: bool = False) ->
                           f"PyTorch (set {ENV}=0 to skip the attempt)", stacklevel=2)
             return result
 
-    call.eager = function
     call.failed = lambda: bool(state.get("failed"))
     return call

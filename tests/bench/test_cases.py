@@ -169,19 +169,12 @@ def test_tracking_step_parts_take_the_case_spec_from_the_command_line():
 
 def test_every_tritonsplat_timing_renders_a_case_with_its_keywords(monkeypatch):
     """basketball-early's densify_channels=3 and background must reach rasterize() in render, step and stages."""
-    import tritonsplat
     from bench.runner import BenchConfig, render_function
     from bench.stages import measure_stages
     from bench.step import TrainingStep
+    from tests.helpers import record_rasterize_keywords
 
-    seen = []
-    real = tritonsplat.rasterize
-
-    def recording(*args, **keywords):
-        seen.append(keywords)
-        return real(*args, **keywords)
-
-    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    seen = record_rasterize_keywords(monkeypatch)
     scene = random_scene(200, 32, 24)
     background = torch.full((1, 3), 0.25)
     scene.extra["rasterize_kwargs"] = {"densify_channels": 2, "backgrounds": background}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tracking
+from tests.helpers import record_rasterize_keywords
 from tracking import losses as L
 from tracking import stages
 from tracking.config import PRESETS, LossWeights, TrackingConfig
@@ -289,22 +290,15 @@ def test_shaped_first_frame_is_baked_into_what_later_frames_and_the_readout_see(
 
 
 def test_eps2d_reaches_every_render_of_the_fit_and_of_the_result(tiny_scene, tmp_path, monkeypatch):
-    import tritonsplat
-
-    seen = []
-    real = tritonsplat.rasterize
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("eps2d"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    calls = record_rasterize_keywords(monkeypatch)
     cfg = tiny_config(eps2d=0.05, steps_first=6, steps_per_frame=2)
     r = tracking.fit(tiny_scene, tmp_path / "sharp", cfg, frames=slice(0, 2), **QUIET)
+    seen = [keywords.get("eps2d") for keywords in calls]
     assert seen and set(seen) == {0.05}, sorted(set(map(str, seen)))
-    seen.clear()
+    calls.clear()
     sharp = r.render(1, r.test_cameras[0])
-    assert seen == [0.05] and tracking.load(tmp_path / "sharp").config.eps2d == 0.05
+    assert [keywords.get("eps2d") for keywords in calls] == [0.05]
+    assert tracking.load(tmp_path / "sharp").config.eps2d == 0.05
     # The dilation changes the image: the same Gaussians rendered with the original's 0.3 differ.
     monkeypatch.setattr(r, "config", replace(r.config, eps2d=0.3))
     assert not torch.equal(sharp, r.render(1, r.test_cameras[0]))
@@ -315,26 +309,18 @@ def test_eps2d_reaches_every_render_of_the_fit_and_of_the_result(tiny_scene, tmp
 def test_the_densification_head_is_rendered_only_while_its_statistics_count(tiny_scene, tmp_path, monkeypatch):
     """t = 0 renders carry densify_channels up to DensifyConfig.stop (the last step `accumulate` counts) and
     not after it; t > 0 renders never; the result is the one every step rendering the head would give."""
-    import tritonsplat
-
-    seen = []
-    real = tritonsplat.rasterize
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("densify_channels"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tritonsplat, "rasterize", recording)
+    calls = record_rasterize_keywords(monkeypatch)
     cfg = tiny_config(steps_first=30, steps_per_frame=3)   # densification stops at step 20
     lean = tracking.fit(tiny_scene, tmp_path / "lean", cfg, frames=slice(0, 2), **QUIET)
+    seen = [keywords.get("densify_channels") for keywords in calls]
     assert seen[:21] == [3] * 21 and seen[21:30] == [None] * 9 and set(seen[30:33]) == {None}, seen[:33]
 
     # Rendering the head on every step changes no bit of the fit (its gradient goes only to densify_grad).
     from tracking.strategy import DensifyStrategy
 
     monkeypatch.setattr(DensifyStrategy, "statistics_until", property(lambda self: cfg.steps_first))
-    seen.clear()
+    calls.clear()
     every = tracking.fit(tiny_scene, tmp_path / "every", cfg, frames=slice(0, 2), **QUIET)
-    assert seen[:30] == [3] * 30
+    assert [keywords.get("densify_channels") for keywords in calls][:30] == [3] * 30
     for t in range(2):
         assert torch.equal(lean.means[t], every.means[t]) and torch.equal(lean.quats[t], every.quats[t])
