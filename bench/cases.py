@@ -15,8 +15,8 @@ that data) with the original's initial parameters (Luiten et al. 2024, `initiali
 isotropic scales sqrt(mean squared distance to the 3 nearest neighbours), identity rotations,
 opacity sigmoid(0) = 0.5, colours RGB + segmentation (seg, 0, 1 - seg), D = 6; training camera 0.
 The grid's sizes and resolutions do not apply; `extra["rasterize_kwargs"]` holds the keywords a
-tracking step renders it with (densify_channels=3 and its background). Skipped with the reason when
-the data or `data_tools` is absent.
+densifying tracking step renders it with (`TRACKING_STEP_KEYWORDS` and its background). Skipped with the
+reason when the data or `data_tools` is absent.
 
 `fitted`: a scene with the large, flat, anisotropic, mostly opaque Gaussians of a fitted scene.
 - `fitted` (default): derived from the `data-tools synth` geometry without fitting: N points on the
@@ -31,7 +31,7 @@ the data or `data_tools` is absent.
 - `fitted:/path/to/run`: the t = 0 parameters of a tracking run, `tracking.load(path).params(0)`,
   seen from the run's first camera (or, when the run exposes none, from a camera looking at the
   Gaussians' centroid); the grid's sizes do not apply. A run with segmentation colours renders as its
-  densifying t = 0 steps do: RGB + segmentation (D = 6) with densify_channels=3 and the run's background.
+  densifying t = 0 steps do: RGB + segmentation (D = 6) with `TRACKING_STEP_KEYWORDS` and the run's background.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 # tests/bench/test_cases.py with the torch projection, including the 0.3 px^2 dilation).
 SCALE_RANGE_PX = (0.2, 2.0)
 MEAN_DEPTH = 4.0
+
+
+TRACKING_STEP_KEYWORDS = {"densify_channels": 3, "outputs": ("colors",), "color_grad_channels": 3}
+"""rasterize() keywords of a densifying t = 0 tracking step on RGB + segmentation (`tracking.stages.render`
+with the default TrackingConfig): the densification head on the RGB channels, colours only (no alpha,
+depth or median-depth images), no colour gradient for the fixed segmentation channels."""
 
 
 @dataclass
@@ -73,8 +79,9 @@ class SceneInputs:
 
     def keywords(self) -> dict:
         """The keywords a tracking step renders this case with (`extra["rasterize_kwargs"]`: basketball-early's
-        densify_channels=3 and background), tensors on the scene's device; {} for the other cases. Every
-        tritonsplat timing of the case passes them (gsplat has no densification head)."""
+        and a segmented fitted:RUN's `TRACKING_STEP_KEYWORDS` and background), tensors on the scene's device; {}
+        for the other cases. Every tritonsplat timing of the case passes them (gsplat has no densification
+        head)."""
         keywords = self.extra.get("rasterize_kwargs", {})
         return {k: v.to(self.means.device) if isinstance(v, torch.Tensor) else v for k, v in keywords.items()}
 
@@ -360,8 +367,8 @@ def tracking_run_scene(path: str, width: int = 640, height: int = 360, *, device
             background[0, :3] = torch.as_tensor(run.background, dtype=dtype).reshape(-1)[:3]
         if getattr(getattr(run, "config", None), "uncovered_is_background", False):
             background[0, 5] = 1.0
-        extra["rasterize_kwargs"] = {"densify_channels": 3, "backgrounds": background.to(device)}
-        channels = ", D = 6 (RGB + segmentation), densify_channels=3"
+        extra["rasterize_kwargs"] = {**TRACKING_STEP_KEYWORDS, "backgrounds": background.to(device)}
+        channels = ", D = 6 (RGB + segmentation), densify_channels=3, colours only"
     viewmats, Ks = _tracking_run_camera(run, means, width, height)
     tensors = [t.to(device=device, dtype=dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
     return SceneInputs(*tensors, width=width, height=height,
@@ -438,7 +445,7 @@ def basketball_early_scene(data: str | None = None, *, device="cpu", dtype=torch
                        description=f"basketball-early: {path}, frame 0, downscale {BASKETBALL_DOWNSCALE}, "
                                    f"visual-hull start, {n} Gaussians, D = 6, training camera 0",
                        extra={"source": str(path), "rasterize_kwargs": {
-                           "densify_channels": 3, "backgrounds": background.to(device=device, dtype=dtype)}})
+                           **TRACKING_STEP_KEYWORDS, "backgrounds": background.to(device=device, dtype=dtype)}})
 
 
 # ----------------------------------------------------------------------------- registry

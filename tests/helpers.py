@@ -374,12 +374,16 @@ def count_host_work(function, *args, **kwargs) -> tuple[object, HostWork]:
 
 def record_rasterize_keywords(monkeypatch) -> list[dict]:
     """Wrap `tritonsplat.rasterize` (restored by monkeypatch): every call still renders, and its keyword
-    arguments are appended to the returned list."""
+    arguments are appended to the returned list. The wrapper keeps rasterize()'s signature, which callers
+    inspect for the keywords they may pass (`tracking.stages.render`)."""
+    import functools
+
     import tritonsplat
 
     seen: list[dict] = []
     real = tritonsplat.rasterize
 
+    @functools.wraps(real)
     def recording(*args, **keywords):
         seen.append(keywords)
         return real(*args, **keywords)

@@ -306,6 +306,19 @@ def test_eps2d_reaches_every_render_of_the_fit_and_of_the_result(tiny_scene, tmp
         tiny_config(eps2d=-0.1).validate()
 
 
+def test_bench_cases_render_with_the_keywords_of_a_densifying_tracking_step(tiny_scene, tmp_path, monkeypatch):
+    """bench's basketball-early and fitted:RUN time rasterize() with TRACKING_STEP_KEYWORDS: they must be what a
+    densifying t = 0 step of the default configuration passes."""
+    from bench.cases import TRACKING_STEP_KEYWORDS
+
+    calls = record_rasterize_keywords(monkeypatch)
+    tracking.fit(tiny_scene, tmp_path / "run", tiny_config(steps_first=3), frames=slice(0, 1), **QUIET)
+    densifying = [keywords for keywords in calls if keywords.get("densify_channels") is not None]
+    assert densifying
+    for keywords in densifying:
+        assert {name: keywords.get(name) for name in TRACKING_STEP_KEYWORDS} == TRACKING_STEP_KEYWORDS, keywords
+
+
 def test_the_densification_head_is_rendered_only_while_its_statistics_count(tiny_scene, tmp_path, monkeypatch):
     """t = 0 renders carry densify_channels up to DensifyConfig.stop (the last step `accumulate` counts) and
     not after it; t > 0 renders never; the result is the one every step rendering the head would give."""
