@@ -763,26 +763,11 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
             gradient.mul_(below_cap)
         return gradient, chunk_sum
 
-    negative_grad_sigma, behind_add = exponent_gradient(values, terms, behind)
-    negative_grad_sigma_k = behind_k_add = None
-    if k is not None:
-        negative_grad_sigma_k, behind_k_add = exponent_gradient(values[..., :k], terms[..., :k], behind_k)
-    return _backward_chunk_sums(entries, grid, weight, negative_grad_sigma, negative_grad_sigma_k, terms_by_channel,
-                                before[:, -1], behind_add, behind_k_add, want_abs)
-
-
-def _backward_chunk_sums(entries: _Entries, grid: _TileGrid,
-                         weight,                  # [A, K, P] w_i
-                         negative_grad_sigma,     # [A, K, P]
-                         negative_grad_sigma_k,   # [A, K, P] or None (densify head)
-                         terms_by_channel,        # [A, D + 1, P]
-                         t_first, behind_add, behind_k_add, want_abs: bool) -> _BackwardChunk:
-    """The per-entry pixel sums of one backward chunk from its per-pair w and -g_sigma."""
-
     def pixel_moments(gradient):
         """sum over the pixels of g_sigma (1, u, v, u^2, u v, v^2): [A, 6, K]."""
         return torch.matmul(grid.basis_t, gradient.transpose(1, 2)).neg_()
 
+    negative_grad_sigma, behind_add = exponent_gradient(values, terms, behind)
     moments = pixel_moments(negative_grad_sigma)
     color_depth = torch.bmm(terms_by_channel, weight.transpose(1, 2))                  # [A, D + 1, K]
     grad_abs = None
@@ -792,9 +777,11 @@ def _backward_chunk_sums(entries: _Entries, grid: _TileGrid,
         pixel_x = negative_grad_sigma * (entries.half_a[..., None] * 2 * dx + entries.conic_b[..., None] * dy)
         pixel_y = negative_grad_sigma * (entries.conic_b[..., None] * dx + entries.half_c[..., None] * 2 * dy)
         grad_abs = torch.stack([pixel_x.abs().sum(-1), pixel_y.abs().sum(-1)], 1)
-    moments_k = None if negative_grad_sigma_k is None else pixel_moments(negative_grad_sigma_k)
-    return _BackwardChunk(moments, color_depth, t_first, behind_add, grad_abs, moments_k, behind_k_add)
-
+    moments_k = behind_k_add = None
+    if k is not None:
+        negative_grad_sigma_k, behind_k_add = exponent_gradient(values[..., :k], terms[..., :k], behind_k)
+        moments_k = pixel_moments(negative_grad_sigma_k)
+    return _BackwardChunk(moments, color_depth, before[:, -1], behind_add, grad_abs, moments_k, behind_k_add)
 
 def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
     """g_mean (x, y) and g_conic (a, b, c) as tuples of float64 [E] tensors from the pixel moments [6, E] and
