@@ -580,8 +580,9 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     pixel = _to_tiles(torch.cat(pixel_terms, dim=-1), grid)           # [B_all, P, D + 2 (+ 1)]
 
     # Per-entry sums, written once per entry (each list entry lies in exactly one chunk): the pixel moments
-    # of g_sigma (6), sum_p w (g_C, g_S) (D + 1), (absgrad 2), (densify head moments 6), in the compute dtype
-    # and each chunk's entries back to front, as the chunk maths gives them. After the walk they become the
+    # of -g_sigma (6), sum_p w (g_C, g_S) (D + 1), (absgrad 2), (densify head moments of -g_sigma 6), in the
+    # compute dtype, quantity first ([sums_width, walked chunks, K]) and each chunk's entries back to front,
+    # as the chunk maths gives them. After the walk they become the
     # entries' gradients at once (in float64), then are summed into the Gaussians' rows by one reduction:
     # [2 mean + 3 conic + 1 opacity + D colour + 1 depth (+ 2 absgrad) (+ 2 densify)].
     records = ctx.records
@@ -600,11 +601,16 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     # One row of entry gradients per walked chunk, each written exactly once (so no zero fill).
     walked_first = torch.cumsum(chunks_all, 0) - chunks_all
     n_walked = int(chunks_all.sum()) if n_sub_bins else 0
-    entry_sums = torch.empty(n_walked, sums_width, k_entries, dtype=dtype, device=device)
+    entry_sums = torch.empty(sums_width, n_walked, k_entries, dtype=dtype, device=device)
+    slices = [slice(0, 6), slice(6, 7 + n_channels)]
+    slices += [slice(7 + n_channels, 9 + n_channels)] if want_abs else []
+    slices += [slice(sums_width - 6, sums_width)] if k is not None else []
+    parts_out = [entry_sums[part] for part in slices]                     # views, written in place
     walked_rows = torch.repeat_interleave(records.first_chunk - walked_first, chunks_all) + torch.arange(
         n_walked, device=device)                                             # table chunk of each walked chunk
     exclusive_sums = torch.cat([torch.ones(k_entries, k_entries, device=device, dtype=dtype).tril_(-1),
-                                torch.ones(1, k_entries, device=device, dtype=dtype)])
+                                torch.ones(1, k_entries, device=device, dtype=dtype)]).expand(
+        options.tile_batch, k_entries + 1, k_entries)                         # one view for bmm, not a copy
     # Most chunks first: within a batch the sub-tiles still walking at step s are then a prefix.
     order = torch.argsort(chunks_all, descending=True, stable=True)
     n_colors_depth = n_channels + 1
@@ -646,15 +652,20 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             current[active] = result.t_first
             if k is not None:
                 behind_k[active] += result.behind_k_add
-            parts = [result.moments, result.color_depth]
-            parts += [result.grad_abs] if want_abs else []
+            parts = [result.moments, result.color_depth.transpose(0, 1)]
+            parts += [result.grad_abs.transpose(0, 1)] if want_abs else []
             parts += [result.moments_k] if k is not None else []
-            entry_sums.index_copy_(0, first_walked[active] + chunk, torch.cat(parts, dim=1))
+            walked_ids = first_walked[active] + chunk
+            for target, part in zip(parts_out, parts):
+                target.index_copy_(1, walked_ids, part)
     # The finish runs on one contiguous row per quantity ([quantities, entries]): elementwise float64 maths on
     # the columns of [entries, quantities] took 4.6x as long (36,000 entries, 2-core Intel Xeon, 2 threads).
     geometry = _Entries(None, *records.table.index_select(0, walked_rows).flip(1).reshape(
         -1, records.table.shape[-1])[:, GEOMETRY].T.contiguous())
-    entry_sums = entry_sums.transpose(0, 1).reshape(sums_width, -1).to(torch.float64)   # [sums_width, entries]
+    entry_sums = entry_sums.reshape(sums_width, -1).to(torch.float64)   # [sums_width, entries]
+    entry_sums[:6].neg_()                                               # moments of g_sigma
+    if k is not None:
+        entry_sums[-6:].neg_()
     grad_mean, grad_conic = _mean_and_conic_gradients(entry_sums[:6], geometry)
     # g_o = sum G g_alpha = -sum g_sigma / o (o > 0 wherever g_sigma != 0).
     safe_opacity = torch.where(geometry.opacity > 0, geometry.opacity, 1)
@@ -704,14 +715,15 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
 
 
 class _BackwardChunk(NamedTuple):
-    """Per-entry sums quantity-first ([A, X, K]), as the matrix products give them and the finish reads them."""
+    """Per-entry sums as the matrix products give them: the moments quantity-first over the chunk ([6, A, K]),
+    the others per sub-tile ([A, X, K])."""
 
-    moments: torch.Tensor         # [A, 6, K] sum_pixels g_sigma (1, u, v, u^2, u v, v^2)
+    moments: torch.Tensor         # [6, A, K] sum_pixels -g_sigma (1, u, v, u^2, u v, v^2)
     color_depth: torch.Tensor     # [A, D + 1, K] sum_pixels w (g_C, g_S)
     t_first: torch.Tensor         # [A, P] T before the chunk's first entry
     behind_add: torch.Tensor      # [A, P] sum over the chunk of w q
     grad_abs: torch.Tensor | None       # [A, 2, K]
-    moments_k: torch.Tensor | None      # [A, 6, K] the same for the densify head (first k channels)
+    moments_k: torch.Tensor | None      # [6, A, K] the same for the densify head (first k channels)
     behind_k_add: torch.Tensor | None   # [A, P]
 
 
@@ -727,7 +739,7 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
                     terms_by_channel,  # [A, D + 1, P] the same, channels first (contiguous)
                     grid: _TileGrid, alpha_cap: float, indefinite: bool, k: int | None,
                     want_abs: bool,
-                    exclusive_sums) -> _BackwardChunk:  # [K + 1, K] strictly lower triangle of ones, then ones
+                    exclusive_sums) -> _BackwardChunk:  # [>= A, K + 1, K] strictly lower triangle of ones, then ones
     """The vector-Jacobian product of one chunk, back to front (formulas: `_CompositeFunction`).
 
     With T_i before and A_i = T_i (1 - alpha_i) after entry i, w_i = alpha_i T_i and X_i = background
@@ -754,8 +766,9 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
         contribution = projected.mul_(weight)                                  # w_i q_i
         # sum_{j < i} (the entries behind i: the chunk runs back to front) and, as row K, the chunk's sum, as
         # one matrix product: 48 against 91 us for cumsum along K and 20 for the subtraction it then needs
-        # ([128, 32, 64] float32, 2-core Intel Xeon, 2 threads).
-        sums = torch.matmul(exclusive_sums, contribution)                      # [A, K + 1, P]
+        # ([128, 32, 64] float32, 2-core Intel Xeon, 2 threads); bmm of an expanded view rather than a
+        # broadcasting matmul (7 aten ops per call).
+        sums = torch.bmm(exclusive_sums[:contribution.shape[0]], contribution)  # [A, K + 1, P]
         chunk_sum = sums[:, -1]
         later = sums[:, :-1].add_(behind_h[:, None, :]).div_(after)           # X_i / A_i
         gradient = torch.addcmul(contribution, weight, later, value=-1)       # w (q - X / A)
@@ -763,9 +776,11 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
             gradient.mul_(below_cap)
         return gradient, chunk_sum
 
-    def pixel_moments(gradient):
-        """sum over the pixels of g_sigma (1, u, v, u^2, u v, v^2): [A, 6, K]."""
-        return torch.matmul(grid.basis_t, gradient.transpose(1, 2)).neg_()
+    def pixel_moments(negative_gradient):
+        """sum over the pixels of -g_sigma (1, u, v, u^2, u v, v^2): [6, A, K], one [6, P] x [P, A K] product
+        (48 against 78 us as a broadcasting matmul to [A, 6, K]; [128, 32, 64], 2-core Intel Xeon)."""
+        a, k_entries, p = negative_gradient.shape
+        return torch.mm(grid.basis_t, negative_gradient.view(a * k_entries, p).T).view(6, a, k_entries)
 
     negative_grad_sigma, behind_add = exponent_gradient(values, terms, behind)
     moments = pixel_moments(negative_grad_sigma)
