@@ -239,6 +239,39 @@ def test_chunk_batch_and_sub_tile_sizes_do_not_change_results():
             torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("piece", [1, 5, 64])
+def test_sub_tile_filter_pieces_do_not_change_the_lists_or_results(monkeypatch, piece):
+    """The sub-tile filter runs in pieces that end at tile-list boundaries (a list longer than a piece gets
+    its own): every piece size gives the same sub-bin lists, each contiguous and in list order."""
+    from tritonsplat.reference import compositing as module
+
+    scene = make_scene(n=40, width=31, height=19, n_cameras=2, seed=8, dtype=torch.float32)
+    p, tiles, colors, settings = _projected(scene, tile_size=16)
+    flat = module._flat_inputs(p.means2d.detach(), p.conics, scene.opacities, colors, p.depths.detach())
+    grid = module._grid(settings, 4)
+
+    def lists_and_results():
+        layout = module._layout(tiles.tile_ranges, tiles.gaussian_ids, flat, settings, grid)
+        lists = {}
+        for b, start, end in zip(layout.bins.tolist(), layout.start.tolist(), layout.end.tolist()):
+            assert b not in lists, "a sub-bin's entries are not contiguous"
+            lists[b] = layout.entry_index[start:end].tolist()
+            assert lists[b] == sorted(lists[b]), "entries out of list order"
+        m = p.means2d.detach().clone().requires_grad_()
+        out = composite(m, p.conics, scene.opacities, colors, p.depths, None, tiles.tile_ranges, tiles.gaussian_ids,
+                        settings, sub_tile=4)
+        out.colors.square().sum().backward()
+        return lists, (out.colors, out.alphas, m.grad)
+
+    reference_lists, reference = lists_and_results()
+    assert max(len(v) for v in reference_lists.values()) > piece or piece == 64
+    monkeypatch.setattr(module, "FILTER_PIECE", piece)
+    lists, results = lists_and_results()
+    assert lists == reference_lists
+    for a, b in zip(reference, results):
+        torch.testing.assert_close(a, b, atol=1e-6 * float(a.abs().max()), rtol=1e-5)
+
+
 def test_transmittance_stop_and_alpha_cap():
     """A column of opaque, centred, identical Gaussians: each blends 0.99 until T (1 - a) < 1e-4."""
     n = 5

@@ -330,8 +330,7 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
     local = torch.arange(per * per, device=device)
     local_x, local_y = (local % per) * s, torch.div(local, per, rounding_mode="floor") * s   # [S2] offsets
     kept_entry, kept_bin = [], []
-    for first in range(0, position.numel(), FILTER_PIECE):
-        piece = slice(first, first + FILTER_PIECE)
+    for piece in _tile_aligned_pieces(torch.cumsum(counts, 0), FILTER_PIECE):
         tile_bin, pos = bin_of_entry[piece], position[piece]
         row = sorted_ids.index_select(0, pos).to(torch.int64)
         camera = torch.div(tile_bin, settings.n_tiles, rounding_mode="floor")
@@ -345,16 +344,17 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
                                             x_range, y_range)
         hit = (q_min <= ellipse_levels(flat.opacities.index_select(0, row % flat.n_gaussians))[:, None])
         hit &= (x0 < settings.width) & (y0 < settings.height)
-        entry, sub = torch.nonzero(hit, as_tuple=True)
+        # Sub-tile first, then entry: the entries run tile by tile in list order and no tile straddles two
+        # pieces, so each sub-bin's entries come out contiguous and in list order, with no sort (a stable
+        # sort of the kept pairs by sub-bin took 0.8 of the layout's 4.9 ms on basketball-early, Intel Xeon).
+        sub, entry = torch.nonzero(hit.T, as_tuple=True)
         sub_x = torch.div(x0[entry, sub], s, rounding_mode="floor")
         sub_y = torch.div(y0[entry, sub], s, rounding_mode="floor")
         kept_bin.append(camera[entry] * grid.n_tiles + sub_y * grid.tiles_x + sub_x)
         kept_entry.append(pos[entry])
     sub_bin = torch.cat(kept_bin) if kept_bin else torch.zeros(0, dtype=torch.int64, device=device)
     entry_index = torch.cat(kept_entry) if kept_entry else sub_bin
-    # Group by sub-bin; within one, positions stay increasing (the pieces and nonzero keep entry order).
-    sub_bin, order = torch.sort(sub_bin, stable=True)
-    entry_index = entry_index[order]
+    # Grouped by sub-bin (not sorted by it: the bins come in piece, sub-tile, tile order).
     bins, sizes = torch.unique_consecutive(sub_bin, return_counts=True)
     end = torch.cumsum(sizes, 0)
     start = end - sizes
@@ -365,6 +365,23 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
     py = gy[:, None] * s + torch.div(p, s, rounding_mode="floor")[None, :]
     inside = (px < settings.width) & (py < settings.height)
     return _Layout(bins, start, end, entry_index, (gx * s).to(dtype), (gy * s).to(dtype), inside)
+
+
+def _tile_aligned_pieces(ends: torch.Tensor, piece: int) -> list[slice]:
+    """Slices of the entries of about `piece` each that end at tile-list boundaries (`ends`: [bins] cumulative
+    list ends); a list longer than `piece` gets a piece of its own."""
+    total = int(ends[-1]) if ends.numel() else 0
+    pieces, first = [], 0
+    while first < total:
+        if total - first <= piece:
+            last = total
+        else:
+            index = int(torch.searchsorted(ends, first + piece, right=True)) - 1
+            last = int(ends[index]) if index >= 0 and int(ends[index]) > first else int(
+                ends[torch.searchsorted(ends, first, right=True)])
+        pieces.append(slice(first, last))
+        first = last
+    return pieces
 
 
 def chunk_size(layout: _Layout) -> int:
