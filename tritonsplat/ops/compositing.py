@@ -100,12 +100,14 @@ def pixel_layout(tile_size: int, backward: bool, wide_geometry: bool = False) ->
 
     `wide_geometry`: the geometry launch of a backward with D > CHANNEL_CHUNK (q spans all D channels,
     the first 8 upstream gradients held in registers). At 8 pixels per thread it needs more than the
-    255 registers (sm_90: 512 B spilled at 16-px tiles, 872 B at 32 px, D = 33); at 4 it fits."""
+    255 registers (sm_90: 512 B spilled at 16-px tiles, 872 B at 32 px, D = 33); at 4 it compiles to
+    254 / 255 registers without spilling (sm_90 / sm_80, triton 3.9), one register from spilling; at 2
+    it keeps headroom."""
     pixels = tile_size * tile_size
     lanes = min(32, pixels)
     per_thread = {4: 1, 8: 2, 16: 8 if backward else 4, 32: 8}[tile_size]
     if backward and wide_geometry:
-        per_thread = min(per_thread, 4)
+        per_thread = min(per_thread, 2)
     return PixelLayout(num_warps=pixels // (lanes * per_thread), pixels_per_thread=per_thread, lanes=lanes)
 
 
