@@ -185,6 +185,9 @@ CASES = [
     pytest.param(dict(n=9, n_channels=6, width=19, height=17, tile_size=16, per_camera_colors=True),
                  id="C1-D6-percamera-19x17-tile16"),
     pytest.param(dict(n=8, n_channels=9, width=13, height=11, tile_size=8, backgrounds=True), id="C1-D9-chunked-bg"),
+    # The D > 8 backward geometry launch has its own pixel layout at 16-px tiles (2 pixels per thread).
+    pytest.param(dict(n=8, n_channels=9, width=19, height=13, tile_size=16, backgrounds=True),
+                 id="C1-D9-chunked-bg-tile16"),
     pytest.param(dict(n=7, n_channels=3, width=10, height=9, tile_size=4), id="C1-D3-tile4"),
     pytest.param(dict(n=8, n_channels=3, width=35, height=9, tile_size=32, seed=2), id="C1-D3-tile32-border"),
 ]
