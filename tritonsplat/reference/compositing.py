@@ -324,13 +324,14 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
     ranges = tile_ranges.to(torch.int64)
     counts = (ranges[:, 1] - ranges[:, 0]).clamp_min(0)
     bin_of_entry = torch.repeat_interleave(torch.arange(ranges.shape[0], device=device), counts)
-    offsets = torch.cumsum(counts, 0) - counts
+    ends = torch.cumsum(counts, 0)
+    offsets = ends - counts
     position = torch.arange(bin_of_entry.numel(), device=device) - offsets[bin_of_entry] + ranges[bin_of_entry, 0]
     ts, s, per = settings.tile_size, grid.size, grid.per_tile
     local = torch.arange(per * per, device=device)
     local_x, local_y = (local % per) * s, torch.div(local, per, rounding_mode="floor") * s   # [S2] offsets
     kept_entry, kept_bin = [], []
-    for piece in _tile_aligned_pieces(torch.cumsum(counts, 0), FILTER_PIECE):
+    for piece in _tile_aligned_pieces(ends, FILTER_PIECE):
         tile_bin, pos = bin_of_entry[piece], position[piece]
         row = sorted_ids.index_select(0, pos).to(torch.int64)
         camera = torch.div(tile_bin, settings.n_tiles, rounding_mode="floor")
@@ -670,7 +671,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             if k is not None:
                 behind_k[active] += result.behind_k_add
             parts = [result.moments, result.color_depth.transpose(0, 1)]
-            parts += [result.grad_abs.transpose(0, 1)] if want_abs else []
+            parts += [result.grad_abs] if want_abs else []
             parts += [result.moments_k] if k is not None else []
             walked_ids = first_walked[active] + chunk
             for target, part in zip(parts_out, parts):
@@ -732,14 +733,14 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
 
 
 class _BackwardChunk(NamedTuple):
-    """Per-entry sums as the matrix products give them: the moments quantity-first over the chunk ([6, A, K]),
-    the others per sub-tile ([A, X, K])."""
+    """Per-entry sums as the chunk maths gives them: quantity first over the chunk ([X, A, K]), except the
+    colour / depth sums, which a per-sub-tile product gives as [A, D + 1, K]."""
 
     moments: torch.Tensor         # [6, A, K] sum_pixels -g_sigma (1, u, v, u^2, u v, v^2)
     color_depth: torch.Tensor     # [A, D + 1, K] sum_pixels w (g_C, g_S)
     t_first: torch.Tensor         # [A, P] T before the chunk's first entry
     behind_add: torch.Tensor      # [A, P] sum over the chunk of w q
-    grad_abs: torch.Tensor | None       # [A, 2, K]
+    grad_abs: torch.Tensor | None       # [2, A, K]
     moments_k: torch.Tensor | None      # [6, A, K] the same for the densify head (first k channels)
     behind_k_add: torch.Tensor | None   # [A, P]
 
@@ -808,12 +809,13 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
         dy = entries.mean_y[..., None] - grid.local_y
         pixel_x = negative_grad_sigma * (entries.half_a[..., None] * 2 * dx + entries.conic_b[..., None] * dy)
         pixel_y = negative_grad_sigma * (entries.conic_b[..., None] * dx + entries.half_c[..., None] * 2 * dy)
-        grad_abs = torch.stack([pixel_x.abs().sum(-1), pixel_y.abs().sum(-1)], 1)
+        grad_abs = torch.stack([pixel_x.abs().sum(-1), pixel_y.abs().sum(-1)])
     moments_k = behind_k_add = None
     if k is not None:
         negative_grad_sigma_k, behind_k_add = exponent_gradient(values[..., :k], terms[..., :k], behind_k)
         moments_k = pixel_moments(negative_grad_sigma_k)
     return _BackwardChunk(moments, color_depth, before[:, -1], behind_add, grad_abs, moments_k, behind_k_add)
+
 
 def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
     """g_mean (x, y) and g_conic (a, b, c) as tuples of float64 [E] tensors from the pixel moments [6, E] and
