@@ -239,6 +239,30 @@ def test_chunk_batch_and_sub_tile_sizes_do_not_change_results():
             torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("files, expected", [
+    ({"index0": ("1", "48K"), "index2": ("2", "2048K"), "index3": ("3", "491520K")}, 2 << 20),
+    ({"index1": ("2", "1M")}, 1 << 20),
+    ({"index2": ("2", "512k")}, 512 << 10),
+    ({"index2": ("2", "lots")}, None),          # unreadable size: the fallback
+    ({"index0": ("1", "32K")}, None),           # no L2 level
+    ({}, None),                                 # no cache directory entries
+])
+def test_l2_cache_size_from_sysfs_and_the_batch_it_gives(tmp_path, files, expected):
+    from tritonsplat.reference import compositing as module
+
+    for name, (level, size) in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(level + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+    size = module.read_l2_cache_bytes(tmp_path)
+    assert size == (expected or module.FALLBACK_L2_BYTES)
+    # The measured points of the rule: 128 sub-tiles of K = 32, P = 64 at 512 KiB, 512 at 2 MiB.
+    assert module.tile_batch_for(32, 64, 512 << 10) == 128
+    assert module.tile_batch_for(32, 64, 2 << 20) == 512
+    assert module.tile_batch_for(32, 256, 64 << 10) == module.MIN_TILE_BATCH
+    assert module.read_l2_cache_bytes(tmp_path / "missing") == module.FALLBACK_L2_BYTES
+
+
 @pytest.mark.parametrize("piece", [1, 5, 64])
 def test_sub_tile_filter_pieces_do_not_change_the_lists_or_results(monkeypatch, piece):
     """The sub-tile filter runs in pieces that end at tile-list boundaries (a list longer than a piece gets

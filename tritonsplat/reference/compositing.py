@@ -36,8 +36,10 @@ whatever the image size; the outputs and saved state are O(pixels), nothing is O
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -47,16 +49,21 @@ from ..profiling import backward_stage
 from ..settings import RenderSettings
 from ..types import ALL_OUTPUTS, CompositeState
 
-# Entries per chunk (K, at most; see `chunk_size`), sub-tiles per batch and sub-tile side (S), float32
-# compute for float32 inputs. Measured on a 2-core CPU (AMD EPYC, torch 2.13, 1 thread), forward +
-# backward of the basketball early-fit scene (8,441 Gaussians, 160x90, D = 6; 30,893 sub-tile entries,
-# 96 % walked), before the pass-count rewrite: idle machine, S = 8, K = 32, batch 128: 0.28 s; batch 512:
-# 0.37 s (the [A, K, P] temporaries leave the L2 cache); K = 64, batch 512: 0.35 s; K = 16, batch 512:
-# 0.32 s; S = 4, batch 512: 0.35 s. After it (load ~3, CPU time, best of 10 interleaved runs): batch 128:
-# 70 ms, 256: 74 ms, 64: 80 ms, 32: 84 ms.
+# Entries per chunk (K, at most; see `chunk_size`), sub-tile side (S), float32 compute for float32 inputs.
+# Measured on a 2-core CPU (AMD EPYC, torch 2.13, 1 thread), forward + backward of the basketball early-fit
+# scene (8,441 Gaussians, 160x90, D = 6; 30,893 sub-tile entries, 96 % walked), before the pass-count
+# rewrite: idle machine, S = 8, K = 32, batch 128: 0.28 s; batch 512: 0.37 s (the [A, K, P] temporaries
+# leave the L2 cache); K = 64, batch 512: 0.35 s; K = 16, batch 512: 0.32 s; S = 4, batch 512: 0.35 s.
+# After it (load ~3, CPU time, best of 10 interleaved runs): batch 128: 70 ms, 256: 74 ms, 64: 80 ms,
+# 32: 84 ms. S = 4 stays slower with the later code too (basketball-early 45 -> 49-62 ms, batch 128-1024,
+# 2-core Intel Xeon, 2026-12-03) although it keeps fewer unused pairs (alpha < 1/255 on 62 % of the
+# walked pairs at S = 8 there): thinner products cost more per pair. The batch: see `tile_batch_for`.
 DEFAULT_CHUNK_ENTRIES = 32
-DEFAULT_TILE_BATCH = 128
 DEFAULT_SUB_TILE = 8
+# Elements of one [A, K, P] temporary per byte of the per-core L2 cache (see `tile_batch_for`).
+TEMPORARY_ELEMENTS_PER_L2_BYTE = 0.5
+FALLBACK_L2_BYTES = 512 << 10   # where the cache size cannot be read: the AMD EPYC's, batch 128 at K = 32
+MIN_TILE_BATCH = 16
 
 LOG2_E = 1 / math.log(2)
 
@@ -396,6 +403,40 @@ def chunk_size(layout: _Layout) -> int:
     return min(DEFAULT_CHUNK_ENTRIES, 4 * math.ceil(per_chunk / 4))
 
 
+def read_l2_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of one core's L2 cache from Linux sysfs (`index*/level`, `index*/size` such as "2048K"),
+    FALLBACK_L2_BYTES where it cannot be read."""
+    try:
+        for index in sorted(cache_dir.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                text = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                size = int(text.rstrip("KM")) * scale
+                if size > 0:
+                    return size
+    except (OSError, ValueError):
+        pass
+    return FALLBACK_L2_BYTES
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """This machine's `read_l2_cache_bytes`, read once."""
+    return read_l2_cache_bytes()
+
+
+def tile_batch_for(k_entries: int, pixels: int, l2_bytes: int | None = None) -> int:
+    """Sub-tiles per batch: as many as make one [A, K, P] temporary half as many elements as the L2 cache has
+    bytes (2 L2 of float32), at least MIN_TILE_BATCH. The best batch follows the cache: 128 at K = 32, P = 64
+    on the 2-core AMD EPYC (512 KiB L2 per core; 256: 74 against 70 ms, see above), while on the 2-core
+    Intel Xeon (2 MiB L2, 2 threads, 2026-12-03, compositor forward + backward, interleaved) 128 is the
+    slowest of 128-1024: basketball-early 47.6 -> 46.7-47.1 ms median, the quick check's t = 0 result
+    (33k Gaussians, K = 28) 64.0 -> 58.7-61.0, bench `random` (K = 20) 205.9 -> 187.7-190.6; this rule gives
+    128 there and 512-819 here. Fewer batches also mean fewer chunk steps, i.e. fewer ops per render."""
+    budget = int(TEMPORARY_ELEMENTS_PER_L2_BYTE * (l2_bytes or l2_cache_bytes()))
+    return max(MIN_TILE_BATCH, budget // max(1, k_entries * pixels))
+
+
 def _to_tiles(image: torch.Tensor, grid: _Grid) -> torch.Tensor:
     """[C, H, W, X] -> [C * n_sub, P, X] (zero padding beyond the image)."""
     c, h, w, x = image.shape
@@ -484,8 +525,8 @@ class _Options(NamedTuple):
     densify_channels: int | None
     color_grad_channels: int | None
     deterministic: bool
-    chunk_entries: int
-    tile_batch: int
+    chunk_entries: int | None
+    tile_batch: int | None
     sub_tile: int
 
 
@@ -529,9 +570,10 @@ class _CompositeFunction(torch.autograd.Function):
         grid = _grid(settings, options.sub_tile)
         layout = _layout(tile_ranges, sorted_ids, flat, settings, grid)
         chunk_entries = options.chunk_entries or chunk_size(layout)
+        tile_batch = options.tile_batch or tile_batch_for(chunk_entries, grid.size ** 2)
         records = _records(flat, sorted_ids, layout, grid.size, chunk_entries)
         result = _forward_tiles(records, layout, n_cameras * grid.n_tiles, settings, grid,
-                                "median_depths" in options.outputs, chunk_entries, options.tile_batch)
+                                "median_depths" in options.outputs, chunk_entries, tile_batch)
         n_channels = flat.colors.shape[-1]
         image = _to_image(result.sums, n_cameras, grid, settings)                  # [C, H, W, D + 2]
         final = _to_image(result.final[..., None], n_cameras, grid, settings)      # [C, H, W, 1]
@@ -549,7 +591,7 @@ class _CompositeFunction(torch.autograd.Function):
         ctx.save_for_backward(means2d, conics, opacities, colors, depths, backgrounds, result.final, result.last,
                               alphas, depths_out)
         ctx.options, ctx.densify_grad, ctx.means2d_for_absgrad = options, call.densify_grad, call.means2d_for_absgrad
-        ctx.grid, ctx.layout, ctx.records = grid, layout, records
+        ctx.grid, ctx.layout, ctx.records, ctx.tile_batch = grid, layout, records, tile_batch
         ctx.n_sorted = sorted_ids.numel()
         return colors_out.contiguous(), alphas, depths_out.contiguous(), median
 
@@ -628,14 +670,14 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         n_walked, device=device)                                             # table chunk of each walked chunk
     exclusive_sums = torch.cat([torch.ones(k_entries, k_entries, device=device, dtype=dtype).tril_(-1),
                                 torch.ones(1, k_entries, device=device, dtype=dtype)]).expand(
-        options.tile_batch, k_entries + 1, k_entries)                         # one view for bmm, not a copy
+        ctx.tile_batch, k_entries + 1, k_entries)                         # one view for bmm, not a copy
     # Most chunks first: within a batch the sub-tiles still walking at step s are then a prefix.
     order = torch.argsort(chunks_all, descending=True, stable=True)
     n_colors_depth = n_channels + 1
     # Sorted positions compared as floats: integers are exact below 2^24 in float32 (else float64).
     position_dtype = dtype if dtype == torch.float64 or ctx.n_sorted < 2 ** 24 else torch.float64
-    for first in range(0, n_sub_bins, options.tile_batch):
-        batch = order[first:first + options.tile_batch]
+    for first in range(0, n_sub_bins, ctx.tile_batch):
+        batch = order[first:first + ctx.tile_batch]
         bins, first_chunk, first_walked = layout.bins[batch], records.first_chunk[batch], walked_first[batch]
         n_chunks = chunks_all[batch]
         counts = torch.bincount(n_chunks, minlength=int(n_chunks[0]) + 1 if n_chunks.numel() else 1).tolist()
@@ -845,7 +887,7 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
               color_grad_channels: int | None = None, deterministic: bool = False,
               means2d_for_absgrad: torch.Tensor | None = None,
               chunk_entries: int | None = None,
-              tile_batch: int = DEFAULT_TILE_BATCH, sub_tile: int = DEFAULT_SUB_TILE) -> types.CompositeOutput:
+              tile_batch: int | None = None, sub_tile: int = DEFAULT_SUB_TILE) -> types.CompositeOutput:
     """Blend the depth-sorted tile lists front to back into C images (differentiable, hand-written backward).
 
     Torch twin of `tritonsplat.ops.compositing.composite`; the contract (inputs, blending rule, saved
@@ -863,8 +905,8 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
             the means from the upstream gradient of colors[..., :k] alone.
         color_grad_channels: k, only colors[..., :k] receive gradients (the others get zeros).
         deterministic: fixed-order reductions on CUDA (CPU index_add is always deterministic).
-        chunk_entries, tile_batch: K entries per chunk (None: `chunk_size`) and tiles per batch (speed and
-            memory only).
+        chunk_entries, tile_batch: K entries per chunk (None: `chunk_size`) and sub-tiles per batch (None:
+            `tile_batch_for`); speed and memory only.
     Returns:
         CompositeOutput(colors [C,H,W,D], alphas [C,H,W,1], depths [C,H,W,1] expected (normalised),
         median_depths [C,H,W,1] detached); fields not in `outputs` are None.
@@ -884,13 +926,14 @@ def composite(means2d: torch.Tensor,                 # [C, N, 2]
 @torch.no_grad()
 def composite_state(means2d, conics, opacities, colors, depths, tile_ranges, sorted_ids, settings: RenderSettings,
                     *, chunk_entries: int | None = None,
-                    tile_batch: int = DEFAULT_TILE_BATCH, sub_tile: int = DEFAULT_SUB_TILE) -> CompositeState:
+                    tile_batch: int | None = None, sub_tile: int = DEFAULT_SUB_TILE) -> CompositeState:
     """The state the forward saves for backward, in image layout (final T [C,H,W], last index [C,H,W] int32)."""
     flat = _flat_inputs(means2d, conics, opacities, colors, depths)
     n_cameras = means2d.shape[0]
     grid = _grid(settings, sub_tile)
     layout = _layout(tile_ranges, sorted_ids, flat, settings, grid)
     chunk_entries = chunk_entries or chunk_size(layout)
+    tile_batch = tile_batch or tile_batch_for(chunk_entries, grid.size ** 2)
     result = _forward_tiles(_records(flat, sorted_ids, layout, grid.size, chunk_entries), layout,
                             n_cameras * grid.n_tiles, settings, grid, False, chunk_entries, tile_batch)
     return CompositeState(_to_image(result.final[..., None], n_cameras, grid, settings)[..., 0].contiguous(),
