@@ -239,6 +239,60 @@ def test_chunk_batch_and_sub_tile_sizes_do_not_change_results():
             torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-4)
 
 
+def test_chunks_per_step_bounds_padding_budget_and_length():
+    from tritonsplat.reference.compositing import STEP_WASTE_PER_SAVED_STEP, chunks_per_step
+
+    assert chunks_per_step([9], budget=512, max_entries=128, k_entries=32) == 4       # one long list: 4 x 32
+    assert chunks_per_step([3], budget=512, max_entries=128, k_entries=32) == 3       # no more than it has
+    assert chunks_per_step([9, 9], budget=2, max_entries=128, k_entries=32) == 1      # the batch's budget
+    # m lists of one chunk waste m - 1 padding chunks each, against 8 per step saved (m - 1 steps):
+    assert chunks_per_step([9] * 10 + [1] * 9, 512, 128, 32) == 1                      # 9 (m - 1) > 8 (m - 1)
+    assert chunks_per_step([9] * 10 + [1] * 8, 512, 128, 32) == 4                      # 8 (m - 1): allowed
+    assert chunks_per_step([9] * 10 + [2] * 13, 512, 128, 32) == 3                     # m = 4: 26 > 24; 3: 13
+    for remaining in ([5, 4, 4, 2, 1], [30, 2, 1, 1], [7] * 3):
+        m = chunks_per_step(remaining, 512, 256, 16)
+        waste = sum(max(0, m - left) for left in remaining)
+        assert waste <= STEP_WASTE_PER_SAVED_STEP * (m - 1) and m <= remaining[0]
+
+
+def test_forward_steps_of_several_chunks_give_the_same_renders_state_and_gradients(monkeypatch):
+    """The forward walks several chunks per step where lists are long (`chunks_per_step`), reading the
+    all-padding chunk past a list's end: one chunk per step must give the same outputs, state and gradients."""
+    from tritonsplat.reference import compositing as module
+
+    scene = make_scene(n=60, width=29, height=21, n_cameras=2, seed=3, dtype=torch.float32)
+    p, tiles, colors, settings = _projected(scene, tile_size=16)
+    chosen = []
+    original = module.chunks_per_step
+
+    def spy(*args):
+        chosen.append(original(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(module, "chunks_per_step", spy)
+
+    def run(max_entries):
+        monkeypatch.setattr(module, "MAX_STEP_ENTRIES", max_entries)
+        m = p.means2d.detach().clone().requires_grad_()
+        col = colors.clone().requires_grad_()
+        sizes = dict(chunk_entries=2, tile_batch=5, sub_tile=4)
+        out = composite(m, p.conics, scene.opacities, col, p.depths, None, tiles.tile_ranges, tiles.gaussian_ids,
+                        settings, **sizes)
+        (out.colors.square().sum() + out.depths.sum() + out.alphas.sum()).backward()
+        state = composite_state(p.means2d.detach(), p.conics, scene.opacities, colors, p.depths, tiles.tile_ranges,
+                                tiles.gaussian_ids, settings, **sizes)
+        return (out.colors, out.alphas, out.depths, out.median_depths, state.final_transmittance,
+                state.last_index, m.grad, col.grad)
+
+    merged = run(16)
+    assert max(chosen) > 1 and min(chosen) >= 1, chosen
+    chosen.clear()
+    single = run(2)
+    assert max(chosen) == 1
+    for a, b in zip(merged, single):
+        torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, float(b.abs().max())), rtol=1e-5)
+
+
 @pytest.mark.parametrize("files, expected", [
     ({"index0": ("1", "48K"), "index2": ("2", "2048K"), "index3": ("3", "491520K")}, 2 << 20),
     ({"index1": ("2", "1M")}, 1 << 20),
