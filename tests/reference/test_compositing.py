@@ -257,25 +257,34 @@ def test_chunks_per_step_bounds_padding_budget_and_length():
 
 def test_forward_steps_of_several_chunks_give_the_same_renders_state_and_gradients(monkeypatch):
     """The forward walks several chunks per step where lists are long (`chunks_per_step`), reading the
-    all-padding chunk past a list's end: one chunk per step must give the same outputs, state and gradients."""
+    all-padding chunk past a list's end and stopping pixels inside a step: one chunk per step must give the
+    same outputs, state and gradients. Opaque Gaussians, so that pixels reach the transmittance stop."""
     from tritonsplat.reference import compositing as module
 
-    scene = make_scene(n=60, width=29, height=21, n_cameras=2, seed=3, dtype=torch.float32)
+    scene = make_scene(n=80, width=29, height=21, n_cameras=2, seed=3, opacity_range=(0.9, 1.0),
+                       scale_range=(0.1, 0.4), dtype=torch.float32)
     p, tiles, colors, settings = _projected(scene, tile_size=16)
-    chosen = []
-    original = module.chunks_per_step
+    steps = []                                 # (m, a list ran past its end, a pixel stopped in the step)
+    original_rule, original_chunk = module.chunks_per_step, module._forward_chunk
 
-    def spy(*args):
-        chosen.append(original(*args))
-        return chosen[-1]
+    def rule_spy(remaining, *args):
+        m = original_rule(remaining, *args)
+        steps.append([m, remaining[-1] < m, False])
+        return m
 
-    monkeypatch.setattr(module, "chunks_per_step", spy)
+    def chunk_spy(*args, **kwargs):
+        result = original_chunk(*args, **kwargs)
+        steps[-1][2] = bool(result.stopped.any())
+        return result
+
+    monkeypatch.setattr(module, "chunks_per_step", rule_spy)
+    monkeypatch.setattr(module, "_forward_chunk", chunk_spy)
 
     def run(max_entries):
         monkeypatch.setattr(module, "MAX_STEP_ENTRIES", max_entries)
         m = p.means2d.detach().clone().requires_grad_()
         col = colors.clone().requires_grad_()
-        sizes = dict(chunk_entries=2, tile_batch=5, sub_tile=4)
+        sizes = dict(chunk_entries=2, tile_batch=16, sub_tile=4)
         out = composite(m, p.conics, scene.opacities, col, p.depths, None, tiles.tile_ranges, tiles.gaussian_ids,
                         settings, **sizes)
         (out.colors.square().sum() + out.depths.sum() + out.alphas.sum()).backward()
@@ -285,10 +294,11 @@ def test_forward_steps_of_several_chunks_give_the_same_renders_state_and_gradien
                 state.last_index, m.grad, col.grad)
 
     merged = run(16)
-    assert max(chosen) > 1 and min(chosen) >= 1, chosen
-    chosen.clear()
+    assert any(m > 1 and stopped for m, _, stopped in steps), steps
+    assert any(m > 1 and past_end for m, past_end, _ in steps), steps
+    steps.clear()
     single = run(2)
-    assert max(chosen) == 1
+    assert all(m == 1 for m, _, _ in steps) and any(stopped for _, _, stopped in steps)
     for a, b in zip(merged, single):
         torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, float(b.abs().max())), rtol=1e-5)
 
@@ -314,7 +324,23 @@ def test_l2_cache_size_from_sysfs_and_the_batch_it_gives(tmp_path, files, expect
     assert module.tile_batch_for(32, 64, 512 << 10) == 128
     assert module.tile_batch_for(32, 64, 2 << 20) == 512
     assert module.tile_batch_for(32, 256, 64 << 10) == module.MIN_TILE_BATCH
+    assert module.tile_batch_for(32, 64, 512 << 10, element_size=8) == 64          # float64: half the batch
     assert module.read_l2_cache_bytes(tmp_path / "missing") == module.FALLBACK_L2_BYTES
+    # Off the CPU the host's cache says nothing: the fallback's batch.
+    assert module._tile_batch(32, 64, torch.float32, torch.device("meta")) == 128
+
+
+def test_l2_cache_size_skips_unreadable_entries(tmp_path):
+    from tritonsplat.reference import compositing as module
+
+    (tmp_path / "index0" / "level").mkdir(parents=True)          # reading a directory fails
+    (tmp_path / "index1").mkdir()
+    (tmp_path / "index1" / "level").write_text("2\n")
+    (tmp_path / "index1" / "size").write_text("broken\n")
+    (tmp_path / "index2").mkdir()
+    (tmp_path / "index2" / "level").write_text("2\n")
+    (tmp_path / "index2" / "size").write_text("1024K\n")
+    assert module.read_l2_cache_bytes(tmp_path) == 1 << 20
 
 
 @pytest.mark.parametrize("piece", [1, 5, 64])

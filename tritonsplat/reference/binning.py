@@ -137,7 +137,10 @@ def min_quadratic_on_rectangles(conics: torch.Tensor, centers: torch.Tensor,
         # q = fixed (qf fixed + 2 b free) + qr free^2 with free = clamp(slope fixed): 7 ops per edge, not 13.
         # The binning and the compositor's sub-tile filter evaluate 8 edges per render: their op time fell
         # from 2.7 to 1.7 ms per forward on the quick check's t = 0 result (33k Gaussians, 160x90, 2-core
-        # Intel Xeon).
+        # Intel Xeon). The Triton kernel (`tritonsplat.ops.binning`) evaluates the same quadratic in another
+        # order, as the GPU's fused multiply-adds do anyway: the results differ by a few ulps, so a tile can
+        # differ only where the minimum lies within those ulps of the level (the twin-parity binning tests
+        # compare the lists exactly).
         free = torch.clamp(fixed * slope, min=first, max=second)
         partial = torch.addcmul(quadratic_fixed * fixed, two_b, free).mul_(fixed)
         return torch.addcmul(partial, quadratic_free * free, free)

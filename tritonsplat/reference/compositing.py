@@ -61,9 +61,12 @@ from ..types import ALL_OUTPUTS, CompositeState
 # walked pairs at S = 8 there): thinner products cost more per pair. The batch: see `tile_batch_for`.
 DEFAULT_CHUNK_ENTRIES = 32
 DEFAULT_SUB_TILE = 8
-# Elements of one [A, K, P] temporary per byte of the per-core L2 cache (see `tile_batch_for`).
-TEMPORARY_ELEMENTS_PER_L2_BYTE = 0.5
-FALLBACK_L2_BYTES = 512 << 10   # where the cache size cannot be read: the AMD EPYC's, batch 128 at K = 32
+# Bytes of one [A, K, P] temporary per byte of the per-core L2 cache (see `tile_batch_for`).
+TEMPORARY_BYTES_PER_L2_BYTE = 2
+# Where the cache size cannot be read, and on GPUs (the torch backend there is the stage oracle, not the
+# product): the AMD EPYC's 512 KiB, i.e. batch 128 at K = 32 in float32, the batch before the rule.
+FALLBACK_L2_BYTES = 512 << 10
+# A floor so that huge K x P (sub-tile 16, float64) still batches a few sub-tiles per op.
 MIN_TILE_BATCH = 16
 # Forward walk steps of several chunks (`chunks_per_step`): at most this many entries per step, and this many
 # padding chunks accepted per step saved.
@@ -258,12 +261,13 @@ class _ForwardChunk(NamedTuple):
     median_depth: torch.Tensor | None  # [A, P] depth of the crossing entry
 
 
-def _forward_chunk(exponent,       # [A, K, 6]
+def _forward_chunk(exponent,       # [A, K', 6]
                    entries: _Entries,
-                   values,         # [A, K, D + 2] colour, depth, 1
+                   values,         # [A, K', D + 2] colour, depth, 1
                    t_in,           # [A, P] carried T (0: stopped or outside the image)
                    grid: _TileGrid, alpha_cap: float, indefinite: bool, want_median: bool) -> _ForwardChunk:
-    """One chunk of K entries for A sub-tiles: alpha, the within-chunk transmittance prefix, the sums."""
+    """One step of K' = m K entries (m chunks, `chunks_per_step`) for A sub-tiles: alpha, the within-step
+    transmittance prefix, the sums."""
     alpha = _chunk_alpha(exponent, entries, grid, alpha_cap, indefinite)
     one_minus_alpha = 1 - alpha
     after = torch.cumprod(one_minus_alpha, dim=1).mul_(t_in[:, None, :])   # T after entry i, [A, K, P]
@@ -275,8 +279,9 @@ def _forward_chunk(exponent,       # [A, K, 6]
     # those pixels' entries from the failing one on are dropped (and their T frozen at the last passing).
     stopped = (after[:, -1] < constants.TRANSMITTANCE_STOP) & (t_in > 0)
     # Where no pixel stops, or one has already (t_in = 0: T is 0 throughout), this changes nothing, so once
-    # half the chunk's sub-tiles have a stopping pixel it runs on the whole chunk rather than gathering rows
-    # (forward 28.9 -> 27.5 ms on the quick check's t = 0 result, 2-core Intel Xeon, interleaved medians).
+    # more than half the sub-tiles have a stopping pixel it runs on the whole step rather than gathering rows
+    # (forward on the quick check's t = 0 result 29.8 -> 28.2 ms alone, 28.9 -> 27.5 with the multi-chunk
+    # steps; basketball-early 22.4 -> 22.1 alone; 2-core Intel Xeon, medians of 10 interleaved).
     if bool(stopped.any()):
         rows = torch.nonzero(stopped.any(dim=1)).squeeze(1)
         if 2 * rows.numel() > stopped.shape[0]:
@@ -429,15 +434,20 @@ def read_l2_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cac
     """Size of one core's L2 cache from Linux sysfs (`index*/level`, `index*/size` such as "2048K"),
     FALLBACK_L2_BYTES where it cannot be read."""
     try:
-        for index in sorted(cache_dir.glob("index*")):
-            if (index / "level").read_text().strip() == "2":
-                text = (index / "size").read_text().strip().upper()
-                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                size = int(text.rstrip("KM")) * scale
-                if size > 0:
-                    return size
-    except (OSError, ValueError):
-        pass
+        indices = sorted(cache_dir.glob("index*"))
+    except OSError:
+        return FALLBACK_L2_BYTES
+    for index in indices:
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            size = int(text.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            continue                       # an unreadable entry: an L2 may still be listed later
+        if size > 0:
+            return size
     return FALLBACK_L2_BYTES
 
 
@@ -447,16 +457,23 @@ def l2_cache_bytes() -> int:
     return read_l2_cache_bytes()
 
 
-def tile_batch_for(k_entries: int, pixels: int, l2_bytes: int | None = None) -> int:
-    """Sub-tiles per batch: as many as make one [A, K, P] temporary half as many elements as the L2 cache has
-    bytes (2 L2 of float32), at least MIN_TILE_BATCH. The best batch follows the cache: 128 at K = 32, P = 64
-    on the 2-core AMD EPYC (512 KiB L2 per core; 256: 74 against 70 ms, see above), while on the 2-core
-    Intel Xeon (2 MiB L2, 2 threads, 2026-12-03, compositor forward + backward, interleaved) 128 is the
-    slowest of 128-1024: basketball-early 47.6 -> 46.7-47.1 ms median, the quick check's t = 0 result
-    (33k Gaussians, K = 28) 64.0 -> 58.7-61.0, bench `random` (K = 20) 205.9 -> 187.7-190.6; this rule gives
-    128 there and 512-819 here. Fewer batches also mean fewer chunk steps, i.e. fewer ops per render."""
-    budget = int(TEMPORARY_ELEMENTS_PER_L2_BYTE * (l2_bytes or l2_cache_bytes()))
+def tile_batch_for(k_entries: int, pixels: int, l2_bytes: int | None = None, element_size: int = 4) -> int:
+    """Sub-tiles per batch: as many as make one [A, K, P] temporary of `element_size`-byte elements twice the
+    size of the L2 cache (`l2_bytes`, default this machine's), at least MIN_TILE_BATCH. The best batch follows
+    the cache: 128 at K = 32, P = 64 on the 2-core AMD EPYC (512 KiB L2 per core; 256: 74 against 70 ms, see
+    above), while on the 2-core Intel Xeon (2 MiB L2, 2 threads, 2026-12-03, compositor forward + backward,
+    interleaved) 128 is the slowest of 128-1024: basketball-early 47.6 -> 46.7-47.1 ms median, the quick
+    check's t = 0 result (33k Gaussians, K = 28) 64.0 -> 58.7-61.0, bench `random` (K = 20) 205.9 ->
+    187.7-190.6. In float32 the rule gives 128 on the EPYC and 512-819 on the Xeon. Fewer batches also mean
+    fewer chunk steps, i.e. fewer ops per render."""
+    budget = TEMPORARY_BYTES_PER_L2_BYTE * (l2_bytes or l2_cache_bytes()) // element_size
     return max(MIN_TILE_BATCH, budget // max(1, k_entries * pixels))
+
+
+def _tile_batch(k_entries: int, pixels: int, dtype: torch.dtype, device: torch.device) -> int:
+    """`tile_batch_for` this machine's L2 on the CPU, FALLBACK_L2_BYTES elsewhere."""
+    l2 = l2_cache_bytes() if device.type == "cpu" else FALLBACK_L2_BYTES
+    return tile_batch_for(k_entries, pixels, l2, torch.empty((), dtype=dtype).element_size())
 
 
 def _to_tiles(image: torch.Tensor, grid: _Grid) -> torch.Tensor:
@@ -484,23 +501,26 @@ def _entry_colors(flat: _Inputs, row: torch.Tensor) -> torch.Tensor:
 def chunks_per_step(remaining: list[int], budget: int, max_entries: int, k_entries: int) -> int:
     """How many consecutive chunks (m) the forward walk's next step takes at once, as one [A, m K, P] chunk.
 
-    remaining: [A] chunks left in each active sub-list, non-increasing. A step costs a fixed ~70 us (its ~40
-    ops; ~100 more in the walk's bookkeeping) plus ~6 us per sub-tile chunk (basketball-early, 2-core Intel
-    Xeon, 2 threads), and the walk's tail is a few long lists. m is the largest value with A m <= budget (sub-tile
-    chunks: the batch's temporaries), m K <= max_entries and at most STEP_WASTE_PER_SAVED_STEP padding chunks
-    (lists shorter than m run on into the all-padding chunk) per step saved. Forward on that scene 22.4 ->
-    20.2 ms, the quick check's t = 0 result 29.8 -> 27.5 (medians of 10 interleaved; max_entries 256 or a waste
-    of 16 the same, 4 slower). The backward walk keeps one chunk per step: there merged steps were slower (the
-    triangular product grows as (m K)^2, and its spare-row bookkeeping costs ~1 ms)."""
+    remaining: [A] chunks left in each active sub-list, non-increasing. A step costs a fixed ~70 us in the
+    chunk maths (its ~40 ops) and ~100-240 us in the walk's bookkeeping, plus ~6 us per sub-tile chunk
+    (basketball-early, 2-core Intel Xeon, 2 threads), and the walk's tail is a few long lists. m is the largest
+    value with A m <= budget (sub-tile chunks: the batch's temporaries), m K <= max_entries and at most
+    STEP_WASTE_PER_SAVED_STEP padding chunks (lists shorter than m run on into the all-padding chunk) per step
+    saved. Forward on that scene 22.4 -> 20.6 ms, the quick check's t = 0 result 29.8 -> 28.9 (medians of 10
+    interleaved; with the whole-step stop of `_forward_chunk` too: 20.2 / 27.5; max_entries 256 or a waste
+    allowance of 16 gave the same, an allowance of 4 was slower). The backward walk keeps one chunk per step:
+    there merged steps were slower (the triangular product grows as (m K)^2, and the spare-row bookkeeping
+    they need cost ~1 ms)."""
     a = len(remaining)
     limit = min(budget // max(1, a), max_entries // k_entries, remaining[0]) if a else 1
     for m in range(limit, 1, -1):
+        allowed = STEP_WASTE_PER_SAVED_STEP * (m - 1)
         waste = 0
         for left in reversed(remaining):          # shortest first
-            if left >= m:
+            if left >= m or waste > allowed:
                 break
             waste += m - left
-        if waste <= STEP_WASTE_PER_SAVED_STEP * (m - 1):
+        if waste <= allowed:
             return m
     return 1
 
@@ -627,7 +647,7 @@ class _CompositeFunction(torch.autograd.Function):
         grid = _grid(settings, options.sub_tile)
         layout = _layout(tile_ranges, sorted_ids, flat, settings, grid)
         chunk_entries = options.chunk_entries or chunk_size(layout)
-        tile_batch = options.tile_batch or tile_batch_for(chunk_entries, grid.size ** 2)
+        tile_batch = options.tile_batch or _tile_batch(chunk_entries, grid.size ** 2, means2d.dtype, means2d.device)
         records = _records(flat, sorted_ids, layout, grid.size, chunk_entries)
         result = _forward_tiles(records, layout, n_cameras * grid.n_tiles, settings, grid,
                                 "median_depths" in options.outputs, chunk_entries, tile_batch)
@@ -990,7 +1010,7 @@ def composite_state(means2d, conics, opacities, colors, depths, tile_ranges, sor
     grid = _grid(settings, sub_tile)
     layout = _layout(tile_ranges, sorted_ids, flat, settings, grid)
     chunk_entries = chunk_entries or chunk_size(layout)
-    tile_batch = tile_batch or tile_batch_for(chunk_entries, grid.size ** 2)
+    tile_batch = tile_batch or _tile_batch(chunk_entries, grid.size ** 2, means2d.dtype, means2d.device)
     result = _forward_tiles(_records(flat, sorted_ids, layout, grid.size, chunk_entries), layout,
                             n_cameras * grid.n_tiles, settings, grid, False, chunk_entries, tile_batch)
     return CompositeState(_to_image(result.final[..., None], n_cameras, grid, settings)[..., 0].contiguous(),
