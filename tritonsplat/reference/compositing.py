@@ -563,7 +563,7 @@ def _forward_tiles(records: _Records, layout: _Layout, n_bins: int, settings: Re
         bins, first_chunk, n_chunks = layout.bins[batch], records.first_chunk[batch], records.n_chunks[batch]
         n = bins.numel()
         # Carried T: 0 once a pixel has stopped (or lies outside the image), so nothing blends there.
-        carried = layout.inside[batch].to(dtype)
+        carried = layout.inside.index_select(0, batch).to(dtype)
         stored = torch.zeros_like(carried)                # T of the pixels that stopped, when they did
         batch_sums = torch.zeros(n, n_values, p, device=device, dtype=dtype)
         batch_last = torch.full((n, p), -1, device=device, dtype=torch.int64)
@@ -588,22 +588,24 @@ def _forward_tiles(records: _Records, layout: _Layout, n_bins: int, settings: Re
                                   block[..., VALUES:], t_in, pixels, settings.alpha_cap, records.indefinite,
                                   want_median)
             batch_sums.index_add_(0, active, step.sums)
-            batch_last.index_copy_(0, active, torch.where(step.last_index >= 0, step.last_index, batch_last[active]))
+            batch_last.index_copy_(0, active, torch.where(step.last_index >= 0, step.last_index,
+                                                          batch_last.index_select(0, active)))
             if want_median:
-                batch_median.index_copy_(0, active, torch.where(step.crossed, step.median_depth, batch_median[active]))
+                batch_median.index_copy_(0, active, torch.where(step.crossed, step.median_depth,
+                                                                batch_median.index_select(0, active)))
             t_next = step.t_out
             if bool(step.stopped.any()):
-                stored.index_copy_(0, active, torch.where(step.stopped, step.t_out, stored[active]))
+                stored.index_copy_(0, active, torch.where(step.stopped, step.t_out, stored.index_select(0, active)))
                 t_next = torch.where(step.stopped, 0, step.t_out)
             carried.index_copy_(0, active, t_next)
-            more = (chunk + m < n_chunks[active]) & (t_next > 0).any(dim=1)
+            more = (remaining > m) & (t_next > 0).any(dim=1)
             active = active[more]
             chunk += m
-        sums[bins] = batch_sums.transpose(1, 2)
-        final[bins] = torch.where(carried > 0, carried, stored)
-        last[bins] = batch_last.to(torch.int32)
+        sums.index_copy_(0, bins, batch_sums.transpose(1, 2))
+        final.index_copy_(0, bins, torch.where(carried > 0, carried, stored))
+        last.index_copy_(0, bins, batch_last.to(torch.int32))
         if want_median:
-            median[bins] = batch_median
+            median.index_copy_(0, bins, batch_median)
     return _ForwardResult(sums, final, last, median)
 
 
@@ -770,12 +772,12 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
         bins, first_chunk = layout.bins[batch], records.first_chunk[batch]
         n_chunks = chunks_all[batch]
         counts = torch.bincount(n_chunks, minlength=int(n_chunks[0]) + 1 if n_chunks.numel() else 1).tolist()
-        last_next = last_tiles[bins].to(position_dtype) + 1                   # [T, P] last blended + 1
-        tile_pixel = pixel[bins]
+        last_next = last_tiles.index_select(0, bins).to(position_dtype) + 1   # [T, P] last blended + 1
+        tile_pixel = pixel.index_select(0, bins)
         terms = tile_pixel[..., :n_colors_depth].contiguous()                 # [T, P, D + 1] (g_C, g_S)
         terms_by_channel = terms.transpose(1, 2).contiguous()                 # [T, D + 1, P]
         # T after the chunk; 1 outside the image, where nothing blends (the backward divides by T).
-        current = torch.where(layout.inside[batch], final_tiles[bins], 1)
+        current = torch.where(layout.inside.index_select(0, batch), final_tiles.index_select(0, bins), 1)
         # sum over the entries behind the chunk of w_j q_j, plus the background term T_final (g_C . bg - g_A)
         # that every entry's g_alpha carries (so it starts there).
         behind = tile_pixel[..., n_colors_depth].clone()
