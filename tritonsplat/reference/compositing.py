@@ -813,8 +813,10 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     walked_rows = torch.cat(walked_chunks) if walked_chunks else torch.zeros(0, dtype=torch.int64, device=device)
     # The finish runs on one contiguous row per quantity ([quantities, entries]): elementwise float64 maths on
     # the columns of [entries, quantities] took 4.6x as long (36,000 entries, 2-core Intel Xeon, 2 threads).
-    geometry = _Entries(None, *records.table.index_select(0, walked_rows).flip(1).reshape(
-        -1, records.table.shape[-1])[:, GEOMETRY].T.contiguous())
+    # Only the geometry columns are gathered: 0.4-0.5 against 1.1 ms for the whole rows ([1600, 28, 20] table,
+    # 2-core Intel Xeon).
+    geometry = _Entries(None, *records.table[..., GEOMETRY].index_select(0, walked_rows).permute(
+        2, 0, 1).contiguous().flip(2).reshape(6, -1))
     entry_sums = entry_sums.reshape(sums_width, -1).to(torch.float64)   # [sums_width, entries]
     entry_sums[:6].neg_()                                               # moments of g_sigma
     if k is not None:
