@@ -30,15 +30,10 @@ def test_readme_shell_block_is_valid_bash(index):
     # every non-comment line must start like one of the commands the README uses.
     commands = ("pip", "python", "pytest", "ruff", "tritonsplat-track", "data-tools", "bash", "cd", "export", "git",
                 "torchrun", "OMP_NUM_THREADS=", "TRITONSPLAT_", "TRITON_", "CUDA_VISIBLE_DEVICES=", "-", "--")
-    for line in block.splitlines():
+    lines = block.splitlines()
+    for at, line in enumerate(lines):
         text = line.strip()
-        if not text or text.startswith("#") or lines_continue(block, line):
+        continued = at > 0 and lines[at - 1].rstrip().endswith("\\")   # the previous line ends with a backslash
+        if not text or text.startswith("#") or continued:
             continue
         assert text.startswith(commands), f"README bash block {index}: not a command or comment: {line!r}"
-
-
-def lines_continue(block: str, line: str) -> bool:
-    """Whether `line` continues the previous line (which ends with a backslash)."""
-    lines = block.splitlines()
-    at = lines.index(line)
-    return at > 0 and lines[at - 1].rstrip().endswith("\\")

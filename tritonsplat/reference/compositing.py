@@ -267,6 +267,15 @@ class _ForwardChunk(NamedTuple):
     median_depth: torch.Tensor | None  # [A, P] depth of the crossing entry
 
 
+def _apply_stop(after, weight, t_in):
+    """In place: drop each pixel's entries from the first whose T_after fails the stop (weight 0) and freeze its
+    T at the last passing value. after, weight: [A, K', P]; t_in: [A, P]."""
+    failing = after < constants.TRANSMITTANCE_STOP
+    weight.masked_fill_(failing, 0)
+    t_last = torch.minimum(after.masked_fill(failing, math.inf).amin(dim=1), t_in)
+    torch.maximum(after, t_last[:, None, :], out=after)
+
+
 def _forward_chunk(exponent,       # [A, K', 6]
                    entries: _Entries,
                    values,         # [A, K', D + 2] colour, depth, 1
@@ -291,16 +300,11 @@ def _forward_chunk(exponent,       # [A, K', 6]
     if bool(stopped.any()):
         rows = torch.nonzero(stopped.any(dim=1)).squeeze(1)
         if 2 * rows.numel() > stopped.shape[0]:
-            failing = after < constants.TRANSMITTANCE_STOP
-            weight.masked_fill_(failing, 0)
-            t_last = torch.minimum(after.masked_fill(failing, math.inf).amin(dim=1), t_in)
-            after = torch.maximum(after, t_last[:, None, :], out=after)
+            _apply_stop(after, weight, t_in)
         else:
-            row_after = after[rows]
-            failing = row_after < constants.TRANSMITTANCE_STOP
-            weight[rows] = weight[rows].masked_fill_(failing, 0)
-            t_last = torch.minimum(row_after.masked_fill(failing, math.inf).amin(dim=1), t_in[rows])
-            after[rows] = torch.maximum(row_after, t_last[:, None, :])
+            row_after, row_weight = after[rows], weight[rows]
+            _apply_stop(row_after, row_weight, t_in[rows])
+            after[rows], weight[rows] = row_after, row_weight
     t_out = after[:, -1]
     # [A, D + 2, K] x [A, K, P]: 0.29 ns per pair, against 1.44 for the [A, P, K] x [A, K, D + 2] product.
     sums = torch.bmm(values.transpose(1, 2).contiguous(), weight)
@@ -485,7 +489,7 @@ def tile_batch_for(k_entries: int, pixels: int, l2_bytes: int | None = None, ele
 def _tile_batch(k_entries: int, pixels: int, dtype: torch.dtype, device: torch.device) -> int:
     """`tile_batch_for` this machine's L2 on the CPU, FALLBACK_L2_BYTES elsewhere."""
     l2 = l2_cache_bytes() if device.type == "cpu" else FALLBACK_L2_BYTES
-    return tile_batch_for(k_entries, pixels, l2, torch.empty((), dtype=dtype).element_size())
+    return tile_batch_for(k_entries, pixels, l2, dtype.itemsize)
 
 
 def _to_tiles(image: torch.Tensor, grid: _Grid) -> torch.Tensor:
