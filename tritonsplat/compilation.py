@@ -97,8 +97,11 @@ def _first_device(args, kwargs) -> torch.device | None:
     return None
 
 
-def compiled(function: Callable, name: str, *, cuda_by_default: bool = False) -> Callable:
-    """`function` through `torch.compile` where `wanted`, eager elsewhere and after a failed compile.
+def compiled(function: Callable, name: str, *, cuda_by_default: bool = False,
+             eager: Callable | None = None) -> Callable:
+    """`function` through `torch.compile` where `wanted`, `eager` (default: `function`) elsewhere and after a
+    failed compile. `eager` is another implementation of the same contract that suits eager execution
+    better (the torch projection's hand-written backward, which Inductor need not trace).
 
     Inside `fixed_shapes()` the graphs are static: each new input shape compiles its own (up to
     torch._dynamo's recompile limit, then eager). With dynamic=True (torch 2.13, CPU) a backward compiled
@@ -108,19 +111,20 @@ def compiled(function: Callable, name: str, *, cuda_by_default: bool = False) ->
     """
     state: dict = {}
     _wrappers.append(state)
+    eager = function if eager is None else eager
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         device = _first_device(args, kwargs)
         mode = None if device is None or state.get("failed") else _mode(device, cuda_by_default)
         if mode is None:
-            return function(*args, **kwargs)
+            return eager(*args, **kwargs)
         if mode not in state:
             state[mode] = torch.compile(function, dynamic=mode == "dynamic")
         try:
             return state[mode](*args, **kwargs)
         except Exception as exc:   # the toolchain decides; the eager result is always available
-            result = function(*args, **kwargs)   # an error of the function itself raises here, as eagerly
+            result = eager(*args, **kwargs)   # an error of the function itself raises here, as eagerly
             state["failed"] = True
             warnings.warn(f"torch.compile of {name} failed ({type(exc).__name__}: {str(exc)[:160]}); using eager "
                           f"PyTorch (set {ENV}=0 to skip the attempt)", stacklevel=2)

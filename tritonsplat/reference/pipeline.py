@@ -8,6 +8,8 @@ termination). Computes in the inputs' dtype (float32, or float64 for float64 inp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..compilation import compiled
@@ -16,9 +18,11 @@ from ..settings import RenderSettings, standard_clamp_limits
 from ..types import RenderOptions
 from . import binning, compositing, projection, sorting
 
-# ~100 elementwise ops on per-Gaussian scalars and their autograd backward: fused by torch.compile where
-# `tritonsplat.compilation.wanted` (2.8 against 9.3 ms forward + backward, 32,744 Gaussians, 2-core Intel Xeon).
-_project_gaussians = compiled(projection.project_gaussians, "the torch backend's projection")
+# ~100 elementwise ops on per-Gaussian scalars: where `tritonsplat.compilation.wanted`, torch.compile fuses them
+# and their autograd backward (2.8 against 9.3 ms forward + backward with autograd, 32,744 Gaussians, 2-core Intel
+# Xeon); elsewhere the projection's hand-written backward runs.
+_project_gaussians = compiled(functools.partial(projection.project_gaussians, hand_backward=False),
+                              "the torch backend's projection", eager=projection.project_gaussians)
 
 
 def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
