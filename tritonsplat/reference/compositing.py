@@ -362,7 +362,7 @@ FILTER_PIECE = 1 << 18
 
 @torch.no_grad()
 def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, grid: _Grid) -> _Layout:
-    from .binning import ellipse_levels, min_quadratic_on_rectangles
+    from .binning import component_rows, ellipse_levels, min_quadratic_of_components
 
     device, dtype = flat.means.device, flat.means.dtype
     ranges = tile_ranges.to(torch.int64)
@@ -380,28 +380,37 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
     # on bench `random`; the same lists; 2-core Intel Xeon, medians of 25 interleaved).
     bin_ids = torch.arange(ranges.shape[0], device=device)
     bin_tile = bin_ids % settings.n_tiles
-    x0 = (bin_tile % settings.tiles_x * ts)[:, None] + local_x                           # [bins, S2] int
-    y0 = (torch.div(bin_tile, settings.tiles_x, rounding_mode="floor") * ts)[:, None] + local_y
+    # Sub-tile-major [S2, ...] temporaries with the per-entry components as contiguous [entries] rows, so every
+    # op of the filter runs along the entries rather than over the strided columns of [entries, 3] gathers:
+    # the layout took 2.8 against 3.4 ms on the quick check's t = 0 result and 6.3 against 8.7 ms on bench
+    # `random` (the same lists; AMD EPYC, AVX-512, 2 threads, medians of 40 interleaved).
+    x0 = local_x[:, None] + (bin_tile % settings.tiles_x * ts)[None, :]                 # [S2, bins] int
+    y0 = local_y[:, None] + (torch.div(bin_tile, settings.tiles_x, rounding_mode="floor") * ts)[None, :]
     rectangles = torch.stack([x0 + 0.5, torch.clamp_max(x0 + s, settings.width) - 0.5,
-                              y0 + 0.5, torch.clamp_max(y0 + s, settings.height) - 0.5]).to(dtype)  # [4, bins, S2]
+                              y0 + 0.5, torch.clamp_max(y0 + s, settings.height) - 0.5]).to(dtype)  # [4, S2, bins]
     in_image = (x0 < settings.width) & (y0 < settings.height)
-    sub_bin_of = (torch.div(bin_ids, settings.n_tiles, rounding_mode="floor")[:, None] * grid.n_tiles
+    sub_bin_of = (torch.div(bin_ids, settings.n_tiles, rounding_mode="floor")[None, :] * grid.n_tiles
                   + torch.div(y0, s, rounding_mode="floor") * grid.tiles_x + torch.div(x0, s, rounding_mode="floor"))
+    conic_rows, mean_rows = component_rows(flat.conics), component_rows(flat.means)    # [3, CN], [2, CN]
+    levels = ellipse_levels(flat.opacities)
     kept_entry, kept_bin = [], []
     for piece in _tile_aligned_pieces(ends, FILTER_PIECE):
         tile_bin, pos = bin_of_entry[piece], position[piece]
         row = sorted_ids.index_select(0, pos).to(torch.int64)
-        x_low, x_high, y_low, y_high = rectangles.index_select(1, tile_bin).unbind(0)       # [e, S2] each
-        q_min = min_quadratic_on_rectangles(flat.conics.index_select(0, row)[:, None, :],
-                                            flat.means.index_select(0, row)[:, None, :],
-                                            (x_low, x_high), (y_low, y_high))
-        hit = (q_min <= ellipse_levels(flat.opacities.index_select(0, row % flat.n_gaussians))[:, None])
-        hit &= in_image.index_select(0, tile_bin)
+        # gather along the bins: 0.11 against 1.1 ms for index_select(2) ([4, 4, 2000] -> [4, 4, 40000]).
+        x_low, x_high, y_low, y_high = torch.gather(
+            rectangles, 2, tile_bin.expand(*rectangles.shape[:2], -1)).unbind(0)              # [S2, e] each
+        conic_a, conic_b, conic_c = conic_rows.index_select(1, row).unbind(0)               # [e] each
+        mean_x, mean_y = mean_rows.index_select(1, row).unbind(0)
+        q_min = min_quadratic_of_components(conic_a, conic_b, conic_c, mean_x, mean_y, (x_low, x_high),
+                                            (y_low, y_high))
+        hit = q_min <= levels.index_select(0, row % flat.n_gaussians)
+        hit &= torch.gather(in_image, 1, tile_bin.expand(in_image.shape[0], -1))
         # Sub-tile first, then entry: the entries run tile by tile in list order and no tile straddles two
         # pieces, so each sub-bin's entries come out contiguous and in list order, with no sort (a stable
         # sort of the kept pairs by sub-bin took 0.8 of the layout's 4.9 ms on basketball-early, Intel Xeon).
-        sub, entry = torch.nonzero(hit.T, as_tuple=True)
-        kept_bin.append(sub_bin_of[tile_bin[entry], sub])
+        sub, entry = torch.nonzero(hit, as_tuple=True)
+        kept_bin.append(sub_bin_of[sub, tile_bin[entry]])
         kept_entry.append(pos[entry])
     sub_bin = torch.cat(kept_bin) if kept_bin else torch.zeros(0, dtype=torch.int64, device=device)
     entry_index = torch.cat(kept_entry) if kept_entry else sub_bin
