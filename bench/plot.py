@@ -31,8 +31,24 @@ def _measured(records: Sequence[dict], benchmark: str, metric: str | None = None
 
 def _device_title(records: Sequence[dict]) -> str:
     machine = records[0].get("machine", {}) if records else {}
-    commit = str(machine.get("git_commit", "?"))[:10]
-    return f"{machine.get('device_name', '?')} (torch {machine.get('torch', '?')}, git {commit})"
+    commits = sorted({str(r.get("machine", {}).get("git_commit", "?"))[:10] for r in records})
+    source = f"git {commits[0]}" if len(commits) == 1 else f"records of {len(commits)} commits"
+    return f"{machine.get('device_name', '?')} (torch {machine.get('torch', '?')}, {source})"
+
+
+def _unique_labels(labels: list[str], records: Sequence[dict]) -> list[str]:
+    """Labels with the record's date (and CPU capability, where known) added to any that repeat: a categorical
+    axis draws equal labels at one position, one bar over another."""
+    counts = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    unique = []
+    for label, record in zip(labels, records):
+        if counts[label] > 1:
+            capability = record.get("machine", {}).get("cpu_capability")
+            label += f"\n{str(record.get('created', '?'))[:10]}" + (f" {capability}" if capability else "")
+        unique.append(label)
+    return unique
 
 
 def plot_render_fps(records: Sequence[dict], path: Path) -> Path | None:
@@ -85,8 +101,9 @@ def plot_stages(records: Sequence[dict], path: Path) -> Path | None:
                 order.append(name)
         stack["other forward"] = max(0.0, details.get("unattributed_forward_ms") or 0.0)
         stack["other backward"] = max(0.0, details.get("unattributed_backward_ms") or 0.0)
-        labels.append(f"{r['backend']}\n{r['case']} {r['n_gaussians'] // 1000}k {r['width']}x{r['height']}")
+        labels.append(f"{r['backend']}\n{r['case']} {r['n_gaussians']:,} {r['width']}x{r['height']}")
         stacks.append(stack)
+    labels = _unique_labels(labels, measured)
     order += ["other forward", "other backward"]
     figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 3.5), 4.5))
     _stacked_bars(axes, labels, stacks, order)
@@ -105,6 +122,7 @@ def plot_step(records: Sequence[dict], path: Path) -> Path | None:
         n = f"{r['n_gaussians'] // 1000}k" if r.get("n_gaussians") else ""
         labels.append(f"{r['metric'].replace('_step', '')} {r['backend']}\n{r['case']} {n}")
         stacks.append({name: values["p50_ms"] for name, values in parts.items()})
+    labels = _unique_labels(labels, measured)
     figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 3.5), 4.5))
     _stacked_bars(axes, labels, stacks, ["forward", "backward", "adam"])
     axes.set_ylabel("ms per step (p50 per part)")

@@ -171,3 +171,17 @@ def test_cameras_per_step_configs_render_equal_views_and_the_table_lists_them(tm
     assert "| 4 | sqrt | 150 / 15 | 720 | 80 s | 70 s | 25.50 dB | 1.50 % | n/a | 1,234 |" in md
     with pytest.raises(ValueError, match="batches"):
         cps.config_for(0)
+
+
+def test_stage_plot_labels_repeated_cases_apart():
+    """Two records of one case and similar size (two runs of a tracking fit) get distinct bars, each named by
+    its date and CPU; a unique label is left as it is."""
+    from bench.plot import _device_title, _unique_labels
+
+    records = [{"created": "2026-12-02T19:25:44Z", "machine": {"cpu_capability": "AVX2", "git_commit": "a" * 40}},
+               {"created": "2026-12-04T19:01:15Z", "machine": {"cpu_capability": "AVX512", "git_commit": "b" * 40}},
+               {"created": "2026-12-04T19:01:15Z", "machine": {"git_commit": "b" * 40}}]
+    labels = _unique_labels(["torch\nfitted:runs/bb 33,075", "torch\nfitted:runs/bb 33,075", "torch\nrandom"], records)
+    assert labels == ["torch\nfitted:runs/bb 33,075\n2026-12-02 AVX2",
+                      "torch\nfitted:runs/bb 33,075\n2026-12-04 AVX512", "torch\nrandom"]
+    assert "records of 2 commits" in _device_title(records) and "git bbbbbbbbbb" in _device_title(records[1:])
