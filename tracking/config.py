@@ -420,7 +420,9 @@ class TrackingConfig:
 # With eps2d 0.05 (below; 2-core AMD EPYC Zen 3, idle, 2 threads, 2026-12-02): 154-166 s end to end, 32.19 dB,
 # 19,297 Gaussians, mte_3d 4.90 % (1.6 % of the points reach 0.5), 0.84 % following the highest-influence Gaussian.
 # On a 2-core Intel Xeon (AVX-512, idle, 2 threads, 2026-12-03): 102 s end to end (fit 90 s), 32.14 dB, 19,266
-# Gaussians, mte_3d 4.90 % (1.2 % reach 0.5), 0.84 % following the highest-influence Gaussian.
+# Gaussians, mte_3d 4.90 % (1.2 % reach 0.5), 0.84 % following the highest-influence Gaussian. On a 2-core AMD EPYC
+# with AVX-512 (idle, 2 threads, 2026-12-04, the torch projection's hand-written backward): 79 s end to end (fit
+# 67 s), 32.20 dB, 19,374 Gaussians, mte_3d 4.88 % (1.8 % reach 0.5), 0.87 % following the highest-influence one.
 _DEMO = TrackingConfig(
     preset="demo",
     steps_first=600,

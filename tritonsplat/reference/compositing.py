@@ -756,7 +756,8 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     # [2 mean + 3 conic + 1 opacity + D colour + 1 depth (+ 2 absgrad) (+ 2 densify)].
     records = ctx.records
     want_abs = options.absgrad
-    sums_width = 6 + n_channels + 1 + (2 if want_abs else 0) + (6 if k is not None else 0)
+    # The densify head needs only the moments (1, u, v) of its g_sigma: its mean gradient, not its conic's.
+    sums_width = 6 + n_channels + 1 + (2 if want_abs else 0) + (3 if k is not None else 0)
     width = 6 + n_channels + 1 + (2 if want_abs else 0) + (2 if k is not None else 0)
 
     pixels = _tile_grid(grid.size, device, dtype)
@@ -773,7 +774,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     entry_sums = torch.empty(sums_width, n_walked, k_entries, dtype=dtype, device=device)
     slices = [slice(0, 6), slice(6, 7 + n_channels)]
     slices += [slice(7 + n_channels, 9 + n_channels)] if want_abs else []
-    slices += [slice(sums_width - 6, sums_width)] if k is not None else []
+    slices += [slice(sums_width - 3, sums_width)] if k is not None else []
     parts_out = [entry_sums[part] for part in slices]                     # views, written in place
     walked_chunks = []                                                    # table chunks of the rows, per step
     written = 0
@@ -838,13 +839,13 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     entry_sums = entry_sums.reshape(sums_width, -1).to(torch.float64)   # [sums_width, entries]
     entry_sums[:6].neg_()                                               # moments of g_sigma
     if k is not None:
-        entry_sums[-6:].neg_()
+        entry_sums[-3:].neg_()
     grad_mean, grad_conic = _mean_and_conic_gradients(entry_sums[:6], geometry)
     # g_o = sum G g_alpha = -sum g_sigma / o (o > 0 wherever g_sigma != 0).
     safe_opacity = torch.where(geometry.opacity > 0, geometry.opacity, 1)
     parts = [*grad_mean, *grad_conic, -entry_sums[0] / safe_opacity, *entry_sums[6:6 + n_channels + 1]]
     parts += [*entry_sums[7 + n_channels:9 + n_channels]] if want_abs else []
-    parts += [*_mean_and_conic_gradients(entry_sums[-6:], geometry)[0]] if k is not None else []
+    parts += [*_mean_gradients(entry_sums[-3:], geometry)] if k is not None else []
     rows = n_cameras * n
     # [width, rows], summed along dim 1: 0.5 ms against 1.6 for [entries, width] rows summed along dim 0
     # (36,000 entries, 16 quantities, 2-core Intel Xeon, 2 threads); the callers take transposed views.
@@ -896,7 +897,7 @@ class _BackwardChunk(NamedTuple):
     t_first: torch.Tensor         # [A, P] T before the chunk's first entry
     behind_add: torch.Tensor      # [A, P] sum over the chunk of w q
     grad_abs: torch.Tensor | None       # [2, A, K]
-    moments_k: torch.Tensor | None      # [6, A, K] the same for the densify head (first k channels)
+    moments_k: torch.Tensor | None      # [3, A, K] (1, u, v) moments for the densify head (first k channels)
     behind_k_add: torch.Tensor | None   # [A, P]
 
 
@@ -949,11 +950,13 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
             gradient.mul_(below_cap)
         return gradient, chunk_sum
 
-    def pixel_moments(negative_gradient):
-        """sum over the pixels of -g_sigma (1, u, v, u^2, u v, v^2): [6, A, K], one [6, P] x [P, A K] product
-        (48 against 78 us as a broadcasting matmul to [A, 6, K]; [128, 32, 64], 2-core Intel Xeon)."""
+    def pixel_moments(negative_gradient, n_moments=6):
+        """sum over the pixels of -g_sigma (1, u, v, u^2, u v, v^2), or its first `n_moments`: [n, A, K], one
+        [n, P] x [P, A K] product (48 against 78 us as a broadcasting matmul to [A, 6, K]; [128, 32, 64], 2-core
+        Intel Xeon)."""
         a, k_entries, p = negative_gradient.shape
-        return torch.mm(grid.basis_t, negative_gradient.view(a * k_entries, p).T).view(6, a, k_entries)
+        return torch.mm(grid.basis_t[:n_moments], negative_gradient.view(a * k_entries, p).T).view(
+            n_moments, a, k_entries)
 
     negative_grad_sigma, behind_add = exponent_gradient(values, terms, behind)
     moments = pixel_moments(negative_grad_sigma)
@@ -968,8 +971,20 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
     moments_k = behind_k_add = None
     if k is not None:
         negative_grad_sigma_k, behind_k_add = exponent_gradient(values[..., :k], terms[..., :k], behind_k)
-        moments_k = pixel_moments(negative_grad_sigma_k)
+        moments_k = pixel_moments(negative_grad_sigma_k, 3)
     return _BackwardChunk(moments, color_depth, before[:, -1], behind_add, grad_abs, moments_k, behind_k_add)
+
+
+def _mean_gradients(moments: torch.Tensor, entries: _Entries):
+    """g_mean (x, y) as float64 [E] tensors from the pixel moments (1, u, v) [3, E] (see
+    `_mean_and_conic_gradients`)."""
+    s0, su, sv = moments.unbind(0)
+    f64 = torch.float64
+    mx, my = entries.mean_x.to(f64), entries.mean_y.to(f64)
+    half_a, b, half_c = entries.half_a.to(f64), entries.conic_b.to(f64), entries.half_c.to(f64)
+    sdx = mx * s0 - su                                       # sum g (m_x - u)
+    sdy = my * s0 - sv
+    return torch.addcmul(b * sdy, half_a, sdx, value=2), torch.addcmul(b * sdx, half_c, sdy, value=2)
 
 
 def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
