@@ -238,3 +238,58 @@ def test_hand_backward_refuses_camera_gradients():
     p = project_gaussians(means, scene.quats, scene.scales, scene.opacities, viewmats, scene.Ks, limits, settings)
     p.means2d.sum().backward()
     assert viewmats.grad is not None and viewmats.grad.abs().sum() > 0 and means.grad.abs().sum() > 0
+
+
+def _setup_small(seed=8):
+    scene = make_scene(n=12, n_cameras=2, seed=seed)
+    settings = RenderSettings(scene.width, scene.height)
+    return scene, settings, standard_clamp_limits(scene.Ks, scene.width, scene.height)
+
+
+def test_hand_backward_is_first_order_only_and_says_so():
+    """A double backward through the hand route raises instead of silently dropping second-order terms; the
+    autograd route differentiates twice."""
+    scene, settings, limits = _setup_small()
+    for hand in (True, False):
+        means = scene.means.clone().requires_grad_()
+        p = project_gaussians(means, scene.quats, scene.scales, scene.opacities, scene.viewmats, scene.Ks, limits,
+                              settings, hand_backward=hand)
+        (grad,) = torch.autograd.grad((p.conics ** 2).sum(), means, create_graph=True)
+        if hand:
+            with pytest.raises(RuntimeError, match="not have been used in the graph"):
+                torch.autograd.grad(grad.sum(), means)
+            with pytest.raises(RuntimeError, match="once_differentiable"):
+                grad.sum().backward()
+        else:
+            assert torch.autograd.grad(grad.sum(), means)[0].abs().sum() > 0
+
+
+def test_hand_backward_leaves_unreached_inputs_without_gradient_and_frees_its_state():
+    """A loss on means2d alone reaches no quaternion or scale (their .grad stays None, as with autograd, so an
+    optimizer skips them), and the forward's intermediates are freed by the backward although the outputs live
+    on (they went through save_for_backward, not a context attribute that the outputs would keep alive)."""
+    import weakref
+
+    from tritonsplat.reference import projection as module
+
+    scene, settings, limits = _setup_small()
+    kept = []
+    original = module._projection_terms
+
+    def spy(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        kept.append(weakref.ref(terms.det))
+        return terms
+
+    module._projection_terms = spy
+    try:
+        for hand in (True, False):
+            means, quats, scales = (t.clone().requires_grad_() for t in (scene.means, scene.quats, scene.scales))
+            p = project_gaussians(means, quats, scales, scene.opacities, scene.viewmats, scene.Ks, limits, settings,
+                                  hand_backward=hand)
+            p.means2d.sum().backward()
+            assert means.grad is not None and quats.grad is None and scales.grad is None, hand
+            assert kept[-1]() is None, f"hand_backward={hand}: the forward's terms outlive the backward"
+            del p
+    finally:
+        module._projection_terms = original

@@ -9,9 +9,11 @@ Eq. 5-6).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import constants
 from ..profiling import backward_stage
@@ -270,30 +272,31 @@ def _projection_outputs(terms: _ProjectionTerms, opacities, Ks, settings: Render
 
 
 def _projection_backward(terms: _ProjectionTerms, visible, viewmats, Ks, grad_means2d, grad_conics,
-                         grad_depths, want_covars: bool):
+                         grad_depths, want_covars: bool, need_means: bool = True, need_shape: bool = True):
     """Vector-Jacobian product of `_projection_terms` + `_projection_outputs` by hand (the same chain rule
-    as the Triton kernel's backward, written over [C, N] tensors).
+    as the Triton kernel's backward, written over [C, N] tensors). A None upstream gradient is zero.
 
-    Returns (grad_means [N, 3], grad_quats [N, 4] | None, grad_scales [N, 3] | None, grad_covars [N, 6] |
-    None). Unlike the Triton kernel it keeps the exact derivative of every output, culled Gaussians'
-    means2d and depths included (a culled conic is the constant 0).
+    Returns (grad_means [N, 3] | None, grad_quats [N, 4] | None, grad_scales [N, 3] | None, grad_covars
+    [N, 6] | None): None where not needed (`need_means`, `need_shape`) or where no upstream reaches it.
+    Unlike the Triton kernel it keeps the exact derivative of every output, culled Gaussians' means2d and
+    depths included (a culled conic is the constant 0).
     """
     t = terms
     rotation = viewmats[:, :3, :3]
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
     zero = torch.zeros_like(t.z)
+    grad_sigma = None
+    grad_u = grad_v = grad_z = zero
+    inverse_z = 1 / t.z
     # conic = (c, -b, a) / det on visible entries: g_det = -(g0 c - g1 b + g2 a) / det^2.
-    if grad_conics is not None:
+    if grad_conics is not None and (need_means or need_shape):
         g0, g1, g2 = torch.where(visible, grad_conics.permute(2, 0, 1).contiguous(), 0.0).unbind(0)
         inverse_det = 1 / torch.where(visible, t.det, 1.0)
         scaled = (g0 * t.c - g1 * t.b + g2 * t.a) * inverse_det * inverse_det
         grad_a = g2 * inverse_det - scaled * t.c
         grad_b = 2 * scaled * t.b - g1 * inverse_det
         grad_c = g0 * inverse_det - scaled * t.a
-        # a = w0.S.w0, b = w0.S.w1, c = w1.S.w1: g_w0 = 2 g_a S w0 + g_b S w1, g_w1 = g_b S w0 + 2 g_c S w1.
         two_a, two_c = 2 * grad_a, 2 * grad_c
-        grad_row_x = [two_a * sx + grad_b * sy for sx, sy in zip(t.sigma_x, t.sigma_y)]
-        grad_row_y = [grad_b * sx + two_c * sy for sx, sy in zip(t.sigma_x, t.sigma_y)]
         # g_S = g_a w0 w0^T + g_b (w0 w1^T + w1 w0^T) / 2 + g_c w1 w1^T; an upper off-diagonal entry stands
         # for two symmetric ones (2x), and every camera adds to the one covariance.
         (x0, x1, x2), (y0, y1, y2) = t.row_x, t.row_y
@@ -304,15 +307,19 @@ def _projection_backward(terms: _ProjectionTerms, visible, viewmats, Ks, grad_me
         def off_diagonal(ui, uj, vi, vj):
             return (two_a * ui * uj + grad_b * (ui * vj + uj * vi) + two_c * vi * vj).sum(0)
 
-        grad_sigma = (diagonal(x0, y0), off_diagonal(x0, x1, y0, y1), off_diagonal(x0, x2, y0, y2),
-                      diagonal(x1, y1), off_diagonal(x1, x2, y1, y2), diagonal(x2, y2))
+        if need_shape:
+            grad_sigma = (diagonal(x0, y0), off_diagonal(x0, x1, y0, y1), off_diagonal(x0, x2, y0, y2),
+                          diagonal(x1, y1), off_diagonal(x1, x2, y1, y2), diagonal(x2, y2))
+    if grad_conics is not None and need_means:
+        # a = w0.S.w0, b = w0.S.w1, c = w1.S.w1: g_w0 = 2 g_a S w0 + g_b S w1, g_w1 = g_b S w0 + 2 g_c S w1.
+        grad_row_x = [two_a * sx + grad_b * sy for sx, sy in zip(t.sigma_x, t.sigma_y)]
+        grad_row_y = [grad_b * sx + two_c * sy for sx, sy in zip(t.sigma_x, t.sigma_y)]
         # w0_k = jx W_0k + jxz W_2k (jx = fx / z, jxz = -jx clamp(x/z)); likewise w1 with W_1k, fy, y.
         w = rotation[:, :, :, None]
         grad_jx = grad_row_x[0] * w[:, 0, 0] + grad_row_x[1] * w[:, 0, 1] + grad_row_x[2] * w[:, 0, 2]
         grad_jxz = grad_row_x[0] * w[:, 2, 0] + grad_row_x[1] * w[:, 2, 1] + grad_row_x[2] * w[:, 2, 2]
         grad_jy = grad_row_y[0] * w[:, 1, 0] + grad_row_y[1] * w[:, 1, 1] + grad_row_y[2] * w[:, 1, 2]
         grad_jyz = grad_row_y[0] * w[:, 2, 0] + grad_row_y[1] * w[:, 2, 1] + grad_row_y[2] * w[:, 2, 2]
-        inverse_z = 1 / t.z
         # jxz = -(fx / z) u_c: g_(fx/z) += -u_c g_jxz, g_u_c = -(fx / z) g_jxz; fx / z: g_z = -(fx / z) / z.
         grad_x_scale = grad_jx - t.clamped_x * grad_jxz
         grad_y_scale = grad_jy - t.clamped_y * grad_jyz
@@ -320,10 +327,17 @@ def _projection_backward(terms: _ProjectionTerms, visible, viewmats, Ks, grad_me
         # u_c = clamp(u, low, high) passes the gradient where low <= u <= high; u = p / z.
         grad_u = torch.where(t.x_over_z == t.clamped_x, -fx * inverse_z * grad_jxz, 0.0)
         grad_v = torch.where(t.y_over_z == t.clamped_y, -fy * inverse_z * grad_jyz, 0.0)
-    else:
-        grad_sigma = None
-        grad_u = grad_v = grad_z = zero
-        inverse_z = 1 / t.z
+    grad_means = None
+    if need_means and (grad_conics is not None or grad_means2d is not None or grad_depths is not None):
+        grad_means = _means_gradient(t, rotation, fx, fy, inverse_z, grad_u, grad_v, grad_z, grad_means2d,
+                                     grad_depths)
+    return (grad_means, *_shape_gradients(t, grad_sigma, want_covars))
+
+
+def _means_gradient(t: _ProjectionTerms, rotation, fx, fy, inverse_z, grad_u, grad_v, grad_z, grad_means2d,
+                    grad_depths):
+    """grad_means [N, 3] from the gradients of u = x/z, v = y/z and z reached through the conics, plus the
+    means2d and depth upstreams."""
     if grad_means2d is not None:   # mean2d = (fx u + cx, fy v + cy)
         grad_mean_x, grad_mean_y = grad_means2d.permute(2, 0, 1).contiguous().unbind(0)
         grad_u = grad_u + fx * grad_mean_x
@@ -336,8 +350,12 @@ def _projection_backward(terms: _ProjectionTerms, visible, viewmats, Ks, grad_me
         grad_pz = grad_pz + grad_depths
     # p = R mu + t: g_mu = sum over cameras of R^T g_p.
     grad_points = torch.stack([grad_px, grad_py, grad_pz], dim=1)                       # [C, 3, N]
-    grad_means = _columns(torch.matmul(rotation.transpose(1, 2), grad_points).sum(0))   # [N, 3]
+    return _columns(torch.matmul(rotation.transpose(1, 2), grad_points).sum(0))         # [N, 3]
 
+
+def _shape_gradients(t: _ProjectionTerms, grad_sigma, want_covars: bool):
+    """(grad_quats [N, 4], grad_scales [N, 3], grad_covars [N, 6]) from the covariance entries' gradients,
+    None where not computed."""
     grad_quats = grad_scales = grad_covars = None
     if grad_sigma is not None and want_covars:
         grad_covars = torch.stack(grad_sigma, dim=1)
@@ -363,28 +381,75 @@ def _projection_backward(terms: _ProjectionTerms, visible, viewmats, Ks, grad_me
         radial = grad_w * qw + grad_x * qx + grad_y * qy + grad_z * qz
         grad_quats = torch.stack([(grad - radial * unit) * inverse_norm for grad, unit in
                                   ((grad_w, qw), (grad_x, qx), (grad_y, qy), (grad_z, qz))], dim=1)
-    return grad_means, grad_quats, grad_scales, grad_covars
+    return grad_quats, grad_scales, grad_covars
+
+
+def _flatten(value, tensors: list) -> object:
+    """The structure of nested tuples / NamedTuples of tensors (and None), appending the tensors to `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return "tensor"
+    if value is None:
+        return None
+    return type(value), tuple(_flatten(item, tensors) for item in value)
+
+
+def _unflatten(structure, tensors):
+    """Inverse of `_flatten`, taking the tensors from the iterator `tensors`."""
+    if structure == "tensor":
+        return next(tensors)
+    if structure is None:
+        return None
+    kind, items = structure
+    values = [_unflatten(item, tensors) for item in items]
+    return kind(*values) if hasattr(kind, "_fields") else kind(values)
+
+
+@dataclass(frozen=True)
+class _ProjectionCall:
+    """What `_ProjectionFunction` takes that gets no gradient on this route."""
+
+    opacities: torch.Tensor     # [N]
+    viewmats: torch.Tensor      # [C, 4, 4]
+    Ks: torch.Tensor            # [C, 3, 3]
+    clamp_limits: torch.Tensor  # [C, 4]
+    settings: RenderSettings
 
 
 class _ProjectionFunction(torch.autograd.Function):
-    """`project_gaussians` with the hand-written backward (gradients for means, quats/scales or covars)."""
+    """`project_gaussians` with the hand-written backward (gradients for means, quats/scales or covars).
+
+    First derivatives only: the backward reuses the forward's values as constants, so it is
+    `once_differentiable` (a double backward raises; `hand_backward=False` differentiates twice). Everything
+    the backward reads goes through `save_for_backward` (freed after backward, checked against in-place
+    changes), and an output no loss reaches arrives as None (no zero gradients for unused inputs).
+    """
 
     @staticmethod
-    def forward(ctx, means, quats, scales, covars, opacities, viewmats, Ks, clamp_limits, settings):
-        terms = _projection_terms(means, quats, scales, covars, viewmats, Ks, clamp_limits, settings)
-        means2d, conics, radii, visible = _projection_outputs(terms, opacities, Ks, settings)
-        ctx.terms, ctx.visible, ctx.want_covars = terms, visible, covars is not None
-        ctx.save_for_backward(viewmats, Ks)
+    def forward(ctx, means, quats, scales, covars, call: _ProjectionCall):
+        terms = _projection_terms(means, quats, scales, covars, call.viewmats, call.Ks, call.clamp_limits,
+                                  call.settings)
+        means2d, conics, radii, visible = _projection_outputs(terms, call.opacities, call.Ks, call.settings)
+        saved = [call.viewmats, call.Ks, visible]
+        ctx.structure = _flatten(terms, saved)
+        ctx.save_for_backward(*saved)
+        ctx.want_covars = covars is not None
         ctx.mark_non_differentiable(radii)
+        ctx.set_materialize_grads(False)
         return means2d, conics, terms.pz, radii
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_means2d, grad_conics, grad_depths, _grad_radii):
-        viewmats, Ks = ctx.saved_tensors
+        viewmats, Ks, visible, *saved = ctx.saved_tensors
+        terms = _unflatten(ctx.structure, iter(saved))
+        need = ctx.needs_input_grad
         with backward_stage("projection_backward"):
             grad_means, grad_quats, grad_scales, grad_covars = _projection_backward(
-                ctx.terms, ctx.visible, viewmats, Ks, grad_means2d, grad_conics, grad_depths, ctx.want_covars)
-        return grad_means, grad_quats, grad_scales, grad_covars, None, None, None, None, None
+                terms, visible, viewmats, Ks, grad_means2d, grad_conics, grad_depths, ctx.want_covars,
+                need_means=need[0], need_shape=need[1] or need[2] or need[3])
+        return (grad_means, grad_quats if need[1] else None, grad_scales if need[2] else None,
+                grad_covars if need[3] else None, None)
 
 
 def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: torch.Tensor | None,
@@ -399,8 +464,9 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
     fy y/z + cy). Culled Gaussians (radius 0) get finite outputs, a zero conic and no conic gradient.
 
     Gradients: by a hand-written backward (the Triton kernel's chain rule over [C, N] tensors) for means,
-    quats, scales and covars; when a view matrix, intrinsics or clamp limit requires grad, or with
-    `hand_backward=False`, by autograd through the same forward (which also gives higher derivatives).
+    quats, scales and covars, first derivatives only (a double backward raises); when a view matrix,
+    intrinsics or clamp limit requires grad, or with `hand_backward=False`, by autograd through the same
+    forward (which also gives higher derivatives).
     The two agree to rounding (tests/reference/test_projection.py). SH colours are always autograd.
     Forward + backward of 33,075 Gaussians into one 160x90 camera, interleaved medians (AMD EPYC, AVX-512,
     torch 2.13, 2 threads): 4.8 ms by hand, 5.4 ms by autograd, 6.6 ms by autograd over the columns of
@@ -427,8 +493,8 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor | None, scales: t
                          "clamp_limits; pass tensors that do not require grad, or hand_backward=None")
     if hand_backward and torch.is_grad_enabled():
         means2d, conics, depths, radii = _ProjectionFunction.apply(
-            means, quats if covars is None else None, scales if covars is None else None, covars, opacities,
-            viewmats, Ks, clamp_limits, settings)
+            means, quats if covars is None else None, scales if covars is None else None, covars,
+            _ProjectionCall(opacities, viewmats, Ks, clamp_limits, settings))
     else:
         terms = _projection_terms(means, None if covars is not None else quats,
                                   None if covars is not None else scales, covars, viewmats, Ks, clamp_limits,
