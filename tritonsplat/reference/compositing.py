@@ -270,13 +270,15 @@ class _ForwardChunk(NamedTuple):
 def _apply_stop(after, weight, t_in):
     """In place: drop each pixel's entries from the first whose T_after fails the stop (weight 0) and freeze its
     T at the last passing value. after, weight: [A, K', P]; t_in: [A, P]."""
-    passing = after >= constants.TRANSMITTANCE_STOP
-    weight.mul_(passing)                       # 0.38 against 0.59 ms for masked_fill_ ([240, 56, 64] float32)
+    # A 0/1 factor in the compute dtype, used twice: it masks the weights (faster than masked_fill_) and its sum
+    # counts the passing entries (exact below 2^24; a bool sum converts to int64 first).
+    passing = (after >= constants.TRANSMITTANCE_STOP).to(after.dtype)
+    weight.mul_(passing)
     # T is non-increasing along K', so the passing entries are a prefix and the last of them holds the minimum:
-    # a count and a gather instead of a masked copy and its minimum (0.58 against 0.74 ms for this function
+    # a count and a gather instead of a masked copy and its minimum (0.49 against 0.74 ms for this function
     # at [240, 56, 64]; AMD EPYC, AVX-512, 2 threads).
     n_passing = passing.sum(dim=1, keepdim=True)                                   # [A, 1, P]
-    last_passing = torch.gather(after, 1, (n_passing - 1).clamp_min_(0)).squeeze(1)
+    last_passing = torch.gather(after, 1, n_passing.long().sub_(1).clamp_min_(0)).squeeze(1)
     t_last = torch.where(n_passing.squeeze(1) > 0, torch.minimum(last_passing, t_in), t_in)
     torch.maximum(after, t_last[:, None, :], out=after)
 
