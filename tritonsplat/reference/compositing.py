@@ -847,7 +847,7 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
     safe_opacity = torch.where(geometry.opacity > 0, geometry.opacity, 1)
     parts = [*grad_mean, *grad_conic, -entry_sums[0] / safe_opacity, *entry_sums[6:6 + n_channels + 1]]
     parts += [*entry_sums[7 + n_channels:9 + n_channels]] if want_abs else []
-    parts += [*_mean_gradients(entry_sums[-3:], geometry)] if k is not None else []
+    parts += [*_mean_and_conic_gradients(entry_sums[-3:], geometry)[0]] if k is not None else []
     rows = n_cameras * n
     # [width, rows], summed along dim 1: 0.5 ms against 1.6 for [entries, width] rows summed along dim 0
     # (36,000 entries, 16 quantities, 2-core Intel Xeon, 2 threads); the callers take transposed views.
@@ -977,34 +977,26 @@ def _backward_chunk(exponent,      # [A, K, 6] (entries back to front along K)
     return _BackwardChunk(moments, color_depth, before[:, -1], behind_add, grad_abs, moments_k, behind_k_add)
 
 
-def _mean_gradients(moments: torch.Tensor, entries: _Entries):
-    """g_mean (x, y) as float64 [E] tensors from the pixel moments (1, u, v) [3, E] (see
-    `_mean_and_conic_gradients`)."""
-    s0, su, sv = moments.unbind(0)
-    f64 = torch.float64
-    mx, my = entries.mean_x.to(f64), entries.mean_y.to(f64)
-    half_a, b, half_c = entries.half_a.to(f64), entries.conic_b.to(f64), entries.half_c.to(f64)
-    sdx = mx * s0 - su                                       # sum g (m_x - u)
-    sdy = my * s0 - sv
-    return torch.addcmul(b * sdy, half_a, sdx, value=2), torch.addcmul(b * sdx, half_c, sdy, value=2)
-
-
 def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
     """g_mean (x, y) and g_conic (a, b, c) as tuples of float64 [E] tensors from the pixel moments [6, E] and
-    the entries' geometry ([E] each), with dx = m_x - u."""
-    s0, su, sv, suu, suv, svv = moments.unbind(0)
+    the entries' geometry ([E] each), with dx = m_x - u; from the moments (1, u, v) alone ([3, E], the densify
+    head's), g_mean and None."""
+    s0, su, sv = moments[:3].unbind(0)
     f64 = torch.float64
     mx, my = entries.mean_x.to(f64), entries.mean_y.to(f64)
     half_a, b, half_c = entries.half_a.to(f64), entries.conic_b.to(f64), entries.half_c.to(f64)
     sdx = mx * s0 - su                                       # sum g (m_x - u)
     sdy = my * s0 - sv
+    grad_mean = (torch.addcmul(b * sdy, half_a, sdx, value=2), torch.addcmul(b * sdx, half_c, sdy, value=2))
+    if moments.shape[0] == 3:
+        return grad_mean, None
+    suu, suv, svv = moments[3:].unbind(0)
     # sum g dx^2 = m_x (sdx - su) + suu, sum g dx dy = m_x sdy - m_y su + suv: 21 ops in all, not 38 (op time
     # 1.82 -> 1.35 ms per backward on the quick check's t = 0 result, 2-core Intel Xeon).
     half_sdxdx = torch.addcmul(suu, mx, sdx - su).mul_(0.5)
     half_sdydy = torch.addcmul(svv, my, sdy - sv).mul_(0.5)
     sdxdy = torch.addcmul(suv, mx, sdy).addcmul_(my, su, value=-1)
-    return ((torch.addcmul(b * sdy, half_a, sdx, value=2), torch.addcmul(b * sdx, half_c, sdy, value=2)),
-            (half_sdxdx, sdxdy, half_sdydy))
+    return grad_mean, (half_sdxdx, sdxdy, half_sdydy)
 
 
 def composite(means2d: torch.Tensor,                 # [C, N, 2]
