@@ -78,7 +78,7 @@ def test_fit_cli_quick_run(tiny_scene, tmp_path):
     assert result.exit_code == 0, result.output
     assert "frame 1/1" in result.output and "fitted 2 frame(s)" in result.output
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["config"]["preset"] == "demo" and cfg["config"]["steps_first"] == 30
+    assert cfg["config"]["preset"] == "demo" and cfg["config"]["steps_first"] == 45
     assert cfg["data"]["source_frames"] == [0, 1]
 
 
