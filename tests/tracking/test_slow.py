@@ -34,9 +34,11 @@ def test_demo_targets(tmp_path):
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert m["preset"] == "demo"
     # The demo's targets: PSNR >= 30 dB, survival 100 %, mte_3d_pct <= 2. Under the 0.5-influence
-    # readout almost no ground-truth surface point of the 160x120 demo reaches influence 0.5 (median 0.02:
-    # the flat Gaussians sit ~3 of their thinnest sigmas inside the surface), so the points stay static
-    # (measured mte_3d_pct 4.9 %, reported, not asserted); following the highest-influence Gaussian meets 2 %.
+    # readout few ground-truth surface points reach influence 0.5 (2.1 %, 2026-12-04): a projected Gaussian's
+    # alpha is its largest influence along the ray, so one of influence >= 0.5 where a training ray grazes the
+    # surface would make that outline pixel half opaque alone, and the silhouette losses pull it inside. The
+    # points stay static (measured mte_3d_pct 4.87 %, reported, not asserted); following the highest-influence
+    # Gaussian meets 2 % (measured 0.42 %).
     assert m["psnr"] >= 30.0 and m["survival_3d"] == 100.0, m
     assert m["mte_3d_pct_highest_influence"] <= 2.0, m
     assert m["mte_3d_pct"] is not None and 0 < m["tracked_fraction_3d"] <= 1, m
