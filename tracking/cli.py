@@ -147,7 +147,8 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                    f"survival {fmt('survival_3d_pod', ' %', 1)}")
         if metrics.get("mte_3d_pct_highest_influence") is not None:
             click.echo(f"    (following the highest-influence Gaussian: MTE "
-                       f"{fmt('mte_3d_pct_highest_influence', ' %')} of the extent; "
+                       f"{fmt('mte_3d_pct_highest_influence', ' %')} of the extent, rotation error "
+                       f"{fmt('rotation_error_3d_deg_highest_influence', ' deg', 1)}; "
                        f"{100 * metrics.get('tracked_fraction_3d', 0):.2f} % of query points reach influence "
                        f"{ev.get('influence_threshold', 0.5):g})")
         click.echo(f"2D: MTE {fmt('mte_2d', ' px', 2)} (256 x 256), delta {fmt('delta_2d', ' %', 1)}, "

@@ -425,7 +425,8 @@ class TrackingConfig:
 # with AVX-512 (idle, 2 threads, 2026-12-04, the torch projection's hand-written backward): 79 s end to end (fit
 # 67 s), 32.20 dB, 19,374 Gaussians, mte_3d 4.88 % (1.8 % reach 0.5), 0.87 % following the highest-influence one.
 # The same machine and day with 900 + 90 steps and rotations at 1e-2 (below): 87 s end to end (fit 83 s), 33.27 dB,
-# SSIM 0.981, 19,564 Gaussians, mte_3d 4.87 % (2.1 % reach 0.5), 0.42 % following the highest-influence Gaussian.
+# SSIM 0.981, 19,564 Gaussians, mte_3d 4.87 % (2.1 % reach 0.5), 0.42 % and 3.2 degrees of rotation error
+# following the highest-influence Gaussian.
 _DEMO = TrackingConfig(
     preset="demo",
     # 600 + 60 steps per frame until the torch backend's tile compositor and projection backward made the demo
@@ -440,9 +441,9 @@ _DEMO = TrackingConfig(
     # lr. At 1e-3 the Gaussians on the ball turned 15 of its 77 degrees over the 10 frames (the rigidity terms
     # then hold their neighbours' offsets fixed in world axes, so the means turned only 37); at 1e-2, 59 of 77.
     # Whole demo, fit seeds 0 / 1 (2-core AMD EPYC, AVX-512, 2 threads, 2026-12-04): 3D MTE following the
-    # highest-influence Gaussian 0.87 / 0.81 -> 0.49 / 0.54 % of the extent, held-out PSNR 32.20 / 32.14 ->
-    # 32.34 / 32.62 dB; 3e-2 gave 0.48 % and 32.33 dB (seed 0), and 1e-2 at t > 0 alone (1e-3 at t = 0) 0.61 %
-    # (600 + 60 steps).
+    # highest-influence Gaussian 0.87 / 0.81 -> 0.49 / 0.54 % of the extent, its rotation error 21.2 / 20.8 ->
+    # 4.3 / 5.4 degrees (rotation_error_3d_deg_highest_influence), held-out PSNR 32.20 / 32.14 -> 32.34 / 32.62
+    # dB; 3e-2 gave 0.48 % and 32.33 dB (seed 0), and 1e-2 at t > 0 alone (1e-3 at t = 0) 0.61 % (600 + 60 steps).
     lr=LearningRates(scales=5e-3, quats=1e-2),
     # Small starting Gaussians and no giant ones keep the torch backend's Gaussian-pixel pairs, i.e. the
     # CPU step time, low (measured 2 CPU cores: 0.1 s/step at 5k Gaussians capped, 0.3-1.4 s uncapped).

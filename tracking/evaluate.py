@@ -51,10 +51,13 @@ entering_survival_3d, entering_mte_3d_pct_highest_influence, entering_tracks (co
 Test cameras get the colour correction eval_config.test_colour_correction; the 3D/2D tracks follow the
 readout eval_config.readout. Tracking keys are null without ground truth (or with a single frame).
 Diagnostics: mte_3d*_highest_influence, delta_3d_highest_influence, survival_3d_highest_influence (readout
-"highest", whatever eval_config says) and tracked_fraction_3d (share of ground-truth points whose best
-influence reaches eval_config.influence_threshold). Per-frame arrays: psnr_per_frame, ssim_per_frame,
-lpips_per_frame, train_psnr_per_frame, error_3d_per_frame (median over tracks, metres), error_2d_per_frame
-(median, 256-scaled pixels), seconds_per_frame.
+"highest", whatever eval_config says), rotation_error_3d_deg_highest_influence (degrees: per track the mean over
+t >= 1 of the angle between its highest-influence Gaussian's turn R_t R_0^T and the ground truth's, a Kabsch fit
+of its 16 nearest ground-truth tracks on the same object, ground truth `object_ids`; then the median over tracks;
+entering_rotation_error_3d_deg_highest_influence for the entering tracks) and tracked_fraction_3d (share of
+ground-truth points whose best influence reaches eval_config.influence_threshold). Per-frame arrays:
+psnr_per_frame, ssim_per_frame, lpips_per_frame, train_psnr_per_frame, error_3d_per_frame (median over tracks,
+metres), error_2d_per_frame (median, 256-scaled pixels), seconds_per_frame.
 """
 
 from __future__ import annotations
@@ -80,14 +83,17 @@ from .metrics import (  # noqa: F401  (re-exported: the metric definitions' hist
     NORMALISED_SIZE,
     SURVIVAL_2D_PX,
     SURVIVAL_3D_M,
+    ground_truth_turns,
     metrics_2d,
     metrics_3d,
     pod_track_metrics,
     project,
     psnr_per_channel,
+    rotation_error_deg,
     track_metrics,
     unproject,
 )
+from .quaternions import quat_to_rotmat
 from .result import TrackingResult
 from .store import RUN_FILE, write_json_atomic
 
@@ -179,7 +185,8 @@ def image_metrics(result: TrackingResult, seq, n_frames: int, eval_config: EvalC
 # ----------------------------------------------------------------------------- tracking metrics
 def load_gt_tracks(path: str | Path, source_frames: list[int]) -> dict:
     """gt_tracks.npz rows of the fitted frames: points [T, P, 3], visible [T, P, C] with cam_ids [C] (training
-    cameras), visible_test [T, P, C'] with test_cam_ids [C'] (None when absent), extent."""
+    cameras), visible_test [T, P, C'] with test_cam_ids [C'] (None when absent), extent, entry_frame [P] and
+    object_ids [P] (None when absent)."""
     path = Path(path)
     try:
         z = np.load(path)
@@ -203,6 +210,9 @@ def load_gt_tracks(path: str | Path, source_frames: list[int]) -> dict:
             out[ids_key] = z[ids_key] if ok else None
         out["extent"] = float(z["extent"]) if "extent" in z.files else None
         n_points = out["points"].shape[1]
+        out["object_ids"] = z["object_ids"].astype(np.int64) if "object_ids" in z.files else None
+        if out["object_ids"] is not None and out["object_ids"].shape != (n_points,):
+            raise TrackingError(f"{path}: object_ids must be [P] = [{n_points}], got {out['object_ids'].shape}")
         out["entry_frame"] = (z["entry_frame"].astype(np.int64) if "entry_frame" in z.files
                               else np.zeros(n_points, np.int64))
     # Entry frames are source-frame indices: in fitted-frame units, the first fitted frame at or after entry.
@@ -215,7 +225,8 @@ def load_gt_tracks(path: str | Path, source_frames: list[int]) -> dict:
 
 
 ENTERING_KEYS = ("entering_mte_3d", "entering_mte_3d_pct", "entering_delta_3d", "entering_survival_3d",
-                 "entering_mte_3d_pct_highest_influence", "entering_tracks", "entering_frame")
+                 "entering_mte_3d_pct_highest_influence", "entering_tracks", "entering_frame",
+                 "entering_rotation_error_3d_deg_highest_influence")
 
 
 def _subset(gt: dict, rows: np.ndarray) -> dict:
@@ -225,6 +236,8 @@ def _subset(gt: dict, rows: np.ndarray) -> dict:
         if out.get(key) is not None:
             out[key] = out[key][:, rows]
     out["entry_frame"] = gt["entry_frame"][rows]
+    if gt.get("object_ids") is not None:
+        out["object_ids"] = gt["object_ids"][rows]
     return out
 
 
@@ -238,7 +251,7 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     if entry is None:
         return out
     mpu = result.config.metres_per_unit
-    preds, nearest, truths = [], [], []
+    preds, nearest, truths, turns = [], [], [], []
     for e in sorted(set(entry[(entry > 0) & (entry <= n_frames - 2)].tolist())):
         rows = entry == e
         pts = gt["points"][e:n_frames, rows]
@@ -246,6 +259,10 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
         preds.append(result.track(queries, threshold=cfg.readout_threshold, start_frame=e).double().numpy()[e:n_frames])
         nearest.append(result.track(queries, threshold=0.0, start_frame=e).double().numpy()[e:n_frames])
         truths.append(pts)
+        if gt.get("object_ids") is not None:
+            best, _ = result.assign(queries.double(), threshold=0.0, t=e)
+            turns.append(rotation_error_deg(gaussian_turns(result, best, n_frames, e),
+                                            ground_truth_turns(pts, gt["object_ids"][rows]))["rotation_error_3d_deg"])
         out["entering_frame"] = e if out["entering_frame"] is None else min(out["entering_frame"], e)
     if not truths:
         return out
@@ -262,6 +279,8 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     out.update(entering_mte_3d=pooled(scored, "mte_3d"), entering_mte_3d_pct=pooled(scored, "mte_3d_pct"),
                entering_delta_3d=pooled(scored, "delta_3d"), entering_survival_3d=pooled(scored, "survival_3d"),
                entering_mte_3d_pct_highest_influence=pooled(diag, "mte_3d_pct"), entering_tracks=int(weights.sum()))
+    if turns and all(v is not None for v in turns):
+        out["entering_rotation_error_3d_deg_highest_influence"] = float(np.average(turns, weights=weights))
     return out
 
 
@@ -281,12 +300,25 @@ def tracking_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     # Diagnostic: every point follows its highest-influence Gaussian, whatever the readout rule.
     nearest = result.track(queries, threshold=0.0).double().numpy()[:n_frames]
     diagnostic = metrics_3d(nearest, pts, mpu, gt["extent"])
-    _, influence = result.assign(queries.double())
+    best, influence = result.assign(queries.double(), threshold=0.0)
     for key in ("mte_3d", "mte_3d_pct", "delta_3d", "survival_3d"):
         out[f"{key}_highest_influence"] = diagnostic[key]
+    out["rotation_error_3d_deg_highest_influence"] = None
+    if gt.get("object_ids") is not None:
+        truth = ground_truth_turns(pts, gt["object_ids"])
+        out["rotation_error_3d_deg_highest_influence"] = rotation_error_deg(
+            gaussian_turns(result, best, n_frames), truth)["rotation_error_3d_deg"]
     out["tracked_fraction_3d"] = float((influence >= cfg.influence_threshold).double().mean())
     out.update(_metrics_2d(result, gt, pts, n_frames, cfg, device))
     return out
+
+
+def gaussian_turns(result: TrackingResult, index: torch.Tensor, n_frames: int, start_frame: int = 0) -> np.ndarray:
+    """[n_frames - start_frame, P, 3, 3] float64: R_t R_s^T of the Gaussians `index` [P] (each track's carrier)
+    for t = s..n_frames - 1, s = start_frame."""
+    R0 = quat_to_rotmat(result.quats[start_frame].double()[index])
+    return np.stack([torch.einsum("pij,pkj->pik", quat_to_rotmat(result.quats[t].double()[index]), R0).numpy()
+                     for t in range(start_frame, n_frames)])
 
 
 def _camera_sets(gt: dict, which: str) -> list[tuple[np.ndarray, np.ndarray]]:

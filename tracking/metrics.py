@@ -170,3 +170,60 @@ def unproject(uv: np.ndarray, z: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> 
 
 __all__ = ["metrics_2d", "metrics_3d", "pod_track_metrics", "project", "psnr_per_channel", "track_metrics",
            "unproject"]
+
+
+# ----------------------------------------------------------------------------- rotation of tracks
+ROTATION_NEIGHBOURS = 16
+"""ground-truth tracks (the track itself included) of one object whose rigid fit gives a track's true rotation."""
+
+
+def kabsch_rotations(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares rotations R [..., 3, 3] with dst - mean(dst) ~ R (src - mean(src)) for point sets
+    [..., K, 3] (Kabsch 1976; the reflection-free solution from the SVD of the cross-covariance)."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    a = src - src.mean(-2, keepdims=True)
+    b = dst - dst.mean(-2, keepdims=True)
+    u, _, vt = np.linalg.svd(np.einsum("...ki,...kj->...ij", a, b))  # H = sum a b^T = U S V^T
+    d = np.sign(np.linalg.det(np.einsum("...ji,...kj->...ik", vt, u)))  # det(V U^T)
+    flip = np.ones(d.shape + (3,))
+    flip[..., 2] = np.where(d == 0, 1.0, d)
+    return np.einsum("...ji,...j,...kj->...ik", vt, flip, u)  # R = V diag(1, 1, d) U^T
+
+
+def ground_truth_turns(points: np.ndarray, object_ids: np.ndarray, k: int = ROTATION_NEIGHBOURS) -> np.ndarray:
+    """[T, P, 3, 3] the rotation each ground-truth track's neighbourhood made from t = 0 to t: the Kabsch fit of
+    its k nearest tracks (at t = 0) on the same object. Exact for the rigid parts of a synthetic scene; on an
+    articulated one it averages the parts within the neighbourhood. NaN for tracks with fewer than 3 tracks on
+    their object or non-finite points."""
+    pts = np.asarray(points, np.float64)
+    ids = np.asarray(object_ids)
+    n_frames, n_tracks = pts.shape[:2]
+    out = np.full((n_frames, n_tracks, 3, 3), np.nan)
+    for obj in np.unique(ids):
+        rows = np.flatnonzero(ids == obj)
+        if len(rows) < 3:
+            continue
+        p0 = pts[0, rows]
+        kk = min(k, len(rows))
+        nearest = np.argsort(((p0[:, None] - p0[None]) ** 2).sum(-1), axis=1)[:, :kk]  # [R, kk], self first
+        hood = pts[:, rows][:, nearest]  # [T, R, kk, 3]
+        out[:, rows] = kabsch_rotations(np.broadcast_to(hood[:1], hood.shape), hood)
+    return out
+
+
+def rotation_error_deg(pred_turns: np.ndarray, gt_turns: np.ndarray) -> dict[str, float | None]:
+    """Angle between the predicted and true rotation of each track since t = 0, both [T, P, 3, 3]
+    (R_t R_0^T): per track the mean over t >= 1, then the median over the tracks where it is finite.
+
+    Returns {"rotation_error_3d_deg": degrees or None}."""
+    pred, gt = np.asarray(pred_turns, np.float64), np.asarray(gt_turns, np.float64)
+    if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[0] < 2:
+        return {"rotation_error_3d_deg": None}
+    relative = np.einsum("tpij,tpkj->tpik", pred[1:], gt[1:])  # R_pred R_gt^T
+    cos = (np.trace(relative, axis1=-2, axis2=-1) - 1.0) / 2.0
+    axis = np.stack([relative[..., 2, 1] - relative[..., 1, 2], relative[..., 0, 2] - relative[..., 2, 0],
+                     relative[..., 1, 0] - relative[..., 0, 1]], -1) / 2.0  # sin(angle) x unit axis
+    per_track = np.degrees(np.arctan2(np.linalg.norm(axis, axis=-1), cos)).mean(0)  # NaN where either is NaN
+    per_track = per_track[np.isfinite(per_track)]
+    return {"rotation_error_3d_deg": float(np.median(per_track)) if per_track.size else None}

@@ -55,6 +55,7 @@ ROWS = (
     # At low resolution few points reach the 0.5-influence readout (the rest stay static): the
     # highest-influence readout shows whether the Gaussians themselves move right.
     Row("3D MTE (% of extent), highest-influence readout", "mte_3d_pct_highest_influence", None, 2),
+    Row("3D rotation error (deg), highest-influence readout", "rotation_error_3d_deg_highest_influence", None, 1),
     Row("Gaussians", "n_gaussians", None, 0),
     Row("fit time (s)", "seconds", None, 0),
 )

@@ -113,6 +113,7 @@ def test_evaluate_records_its_settings_and_never_rewrites_the_fit(run_copy, monk
     assert m["lpips_vgg"] == pytest.approx(expected / 2, rel=1e-6)
     assert m["psnr_per_channel"] >= m["psnr"]
     assert m["mte_3d"] == m["mte_3d_highest_influence"]  # readout "highest"
+    assert 0.0 <= m["rotation_error_3d_deg_highest_influence"] < 180.0  # the synthetic truth has object_ids
     for key in ADDED_METRIC_KEYS[3:-1]:
         assert m[key] is not None and np.isfinite(m[key]), key
     # cameras_2d="all" adds the test camera's tracks: another 2D error than the training cameras alone
@@ -179,3 +180,16 @@ def test_evaluate_does_not_import_plots():
     assert "tracking.plots" not in _imports(root / "evaluate.py")
     assert "tracking.evaluate" not in _imports(root / "plots.py")
     assert "tracking.evaluate" not in _imports(root / "metrics.py") | _imports(root / "eval_config.py")
+
+
+def test_rotation_error_needs_object_ids(run_copy, tmp_path):
+    r = tracking.load(run_copy)
+    with np.load(Path(r.data.path) / "gt_tracks.npz") as z:
+        gt = {k: z[k] for k in z.files}
+    without = {k: v for k, v in gt.items() if k != "object_ids"}
+    np.savez(tmp_path / "no_ids.npz", **without)
+    m = evaluate(run_copy, gt_tracks=tmp_path / "no_ids.npz", eval_config=EvalConfig(lpips_backbones=()), write=False)
+    assert m["rotation_error_3d_deg_highest_influence"] is None and m["mte_3d"] is not None
+    np.savez(tmp_path / "bad_ids.npz", **{**without, "object_ids": gt["object_ids"][:-1]})
+    with pytest.raises(tracking.TrackingError, match="object_ids must be"):
+        evaluate(run_copy, gt_tracks=tmp_path / "bad_ids.npz", eval_config=EvalConfig(lpips_backbones=()), write=False)

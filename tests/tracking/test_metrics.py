@@ -6,6 +6,8 @@ Tolerances:
 | metrics of hand-made tracks | rel 1e-9 | float64 arithmetic of the same definitions |
 | project/unproject round trip | abs 1e-9 | float64 |
 | readout of a rigidly moved Gaussian | abs 1e-5 | float32 storage of means/rotations |
+| Kabsch rotations of exact rigid motions | abs 1e-12 | float64 SVD of 3 x 3 matrices |
+| rotation error of an exact prediction | abs 1e-9 degrees | atan2 of float64 round-off |
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from tracking.evaluate import METRIC_KEYS, metrics_2d, metrics_3d, project, track_metrics, unproject
+from tracking.metrics import ground_truth_turns, kabsch_rotations, rotation_error_deg
 from tracking.result import assign_points
 
 
@@ -83,3 +86,47 @@ def test_assign_points_highest_influence_and_background():
 def test_metric_keys_contract():
     assert METRIC_KEYS == ("psnr", "ssim", "lpips", "mte_3d", "mte_3d_pct", "delta_3d", "survival_3d", "mte_2d",
                            "delta_2d", "survival_2d", "n_gaussians", "seconds", "preset")
+
+
+def _axis_angle(axis, angle):
+    a = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+
+
+def test_kabsch_rotations_of_rigid_motions_and_of_a_mirror():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(5, 12, 3))
+    R = np.stack([_axis_angle(rng.normal(size=3), a) for a in (0.0, 0.3, 1.5, 3.0, -2.0)])
+    dst = np.einsum("bij,bkj->bki", R, src) + rng.normal(size=(5, 1, 3))
+    np.testing.assert_allclose(kabsch_rotations(src, dst), R, atol=1e-12)
+    # A mirrored copy has no rotation onto it: the fit stays a rotation (det +1), not the reflection.
+    mirrored = src[0] * np.array([1.0, 1.0, -1.0])
+    fit = kabsch_rotations(src[0], mirrored)
+    assert np.linalg.det(fit) == pytest.approx(1.0) and np.allclose(fit @ fit.T, np.eye(3))
+
+
+def test_ground_truth_turns_and_rotation_error():
+    rng = np.random.default_rng(1)
+    n_frames = 4
+    spin = [_axis_angle([0, 1, 0], 0.1 * t) for t in range(n_frames)]  # object 0: 0.1 rad a frame about y
+    roll = [_axis_angle([1, 0, 0], -0.2 * t) for t in range(n_frames)]  # object 1: 0.2 rad a frame about x
+    a, b = rng.normal(size=(30, 3)), rng.normal(size=(25, 3))
+    points = np.stack([np.concatenate([a @ spin[t].T + t, b @ roll[t].T + 10 - t, np.full((2, 3), 5.0)])
+                       for t in range(n_frames)])  # [T, 57, 3]; object 2 has 2 tracks: too few to fit
+    ids = np.r_[np.zeros(30, int), np.ones(25, int), np.full(2, 2)]
+    truth = ground_truth_turns(points, ids, k=8)
+    np.testing.assert_allclose(truth[:, :30], np.broadcast_to(np.stack(spin)[:, None], (n_frames, 30, 3, 3)),
+                               atol=1e-12)
+    np.testing.assert_allclose(truth[:, 30:55], np.broadcast_to(np.stack(roll)[:, None], (n_frames, 25, 3, 3)),
+                               atol=1e-12)
+    assert np.isnan(truth[:, 55:]).all()
+    assert rotation_error_deg(truth, truth)["rotation_error_3d_deg"] == pytest.approx(0.0, abs=1e-9)
+    # Gaussians that never turn: per track the mean over t = 1..3 of its object's angle, median over the
+    # 55 tracks with a ground truth (30 at 0.2 rad on average, 25 at 0.4): the first object's.
+    still = np.broadcast_to(np.eye(3), truth.shape)
+    assert rotation_error_deg(still, truth)["rotation_error_3d_deg"] == pytest.approx(np.degrees(0.2), rel=1e-9)
+    # Turning the wrong way about the right axis doubles the error.
+    wrong = np.swapaxes(truth, -1, -2)
+    assert rotation_error_deg(wrong, truth)["rotation_error_3d_deg"] == pytest.approx(np.degrees(0.4), rel=1e-9)
+    assert rotation_error_deg(truth[:1], truth[:1])["rotation_error_3d_deg"] is None  # no t >= 1
