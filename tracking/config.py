@@ -432,12 +432,13 @@ _DEMO = TrackingConfig(
     # 600 + 60 steps per frame until the torch backend's tile compositor and projection backward made the demo
     # ~3x faster; the time saved goes to quality (2-core AMD EPYC, AVX-512, 2 threads, 2026-12-04, rotations at
     # 1e-2; fit / held-out PSNR / 3D MTE following the highest-influence Gaussian): 600 + 60: 53 s, 32.34 dB,
-    # 0.49 %; 600 + 90: 77 s, 32.64 dB, 0.46 %; 900 + 60: 77 s, 33.08 dB, 0.50 %; 900 + 90: 96 s, 33.27 dB, 0.42 %.
-    # The densification schedule is unchanged, so the extra t = 0 steps refine a settled set.
+    # 0.49 %; 600 + 90: 77 s, 32.64 dB, 0.46 %; 900 + 60: 77 s, 33.08 dB, 0.50 %; 900 + 90: 96 s, 33.27 dB, 0.42 %
+    # (one sequence of fits, the machine's speed drifting; the README's run of 900 + 90 later: fit 83 s). The
+    # densification schedule is unchanged, so the extra t = 0 steps refine a settled set.
     steps_first=900,
     steps_per_frame=90,
     # Scales must shrink ~3x within a few hundred steps, not 10,000: 5x the original's lr. Rotations must
-    # follow up to 8.6 degrees a frame (the ball and the bobber roll) in 60 steps, not 2,000: 10x the original's
+    # follow up to 8.6 degrees a frame (the ball and the bobber roll) in 60-90 steps, not 2,000: 10x the original's
     # lr. At 1e-3 the Gaussians on the ball turned 15 of its 77 degrees over the 10 frames (the rigidity terms
     # then hold their neighbours' offsets fixed in world axes, so the means turned only 37); at 1e-2, 59 of 77.
     # Whole demo, fit seeds 0 / 1 (2-core AMD EPYC, AVX-512, 2 threads, 2026-12-04): 3D MTE following the

@@ -83,6 +83,7 @@ from .metrics import (  # noqa: F401  (re-exported: the metric definitions' hist
     NORMALISED_SIZE,
     SURVIVAL_2D_PX,
     SURVIVAL_3D_M,
+    finite_median,
     ground_truth_turns,
     metrics_2d,
     metrics_3d,
@@ -90,6 +91,7 @@ from .metrics import (  # noqa: F401  (re-exported: the metric definitions' hist
     project,
     psnr_per_channel,
     rotation_error_deg,
+    rotation_errors_per_track,
     track_metrics,
     unproject,
 )
@@ -261,8 +263,8 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
         truths.append(pts)
         if gt.get("object_ids") is not None:
             best, _ = result.assign(queries.double(), threshold=0.0, t=e)
-            turns.append(rotation_error_deg(gaussian_turns(result, best, n_frames, e),
-                                            ground_truth_turns(pts, gt["object_ids"][rows]))["rotation_error_3d_deg"])
+            turns.append(rotation_errors_per_track(gaussian_turns(result, best, n_frames, e),
+                                                   ground_truth_turns(pts, gt["object_ids"][rows])))
         out["entering_frame"] = e if out["entering_frame"] is None else min(out["entering_frame"], e)
     if not truths:
         return out
@@ -279,8 +281,8 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     out.update(entering_mte_3d=pooled(scored, "mte_3d"), entering_mte_3d_pct=pooled(scored, "mte_3d_pct"),
                entering_delta_3d=pooled(scored, "delta_3d"), entering_survival_3d=pooled(scored, "survival_3d"),
                entering_mte_3d_pct_highest_influence=pooled(diag, "mte_3d_pct"), entering_tracks=int(weights.sum()))
-    if turns and all(v is not None for v in turns):
-        out["entering_rotation_error_3d_deg_highest_influence"] = float(np.average(turns, weights=weights))
+    if turns:  # one median over the tracks of every group (each group's errors start at its own entry)
+        out["entering_rotation_error_3d_deg_highest_influence"] = finite_median(np.concatenate(turns))
     return out
 
 

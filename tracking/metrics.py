@@ -168,62 +168,97 @@ def unproject(uv: np.ndarray, z: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> 
     return (X_cam - t) @ R  # R^T (X - t) for row vectors
 
 
-__all__ = ["metrics_2d", "metrics_3d", "pod_track_metrics", "project", "psnr_per_channel", "track_metrics",
+__all__ = ["finite_median", "ground_truth_turns", "kabsch_rotations", "metrics_2d", "metrics_3d", "pod_track_metrics",
+           "project", "psnr_per_channel", "rotation_error_deg", "rotation_errors_per_track", "track_metrics",
            "unproject"]
 
 
 # ----------------------------------------------------------------------------- rotation of tracks
 ROTATION_NEIGHBOURS = 16
 """ground-truth tracks (the track itself included) of one object whose rigid fit gives a track's true rotation."""
+RANK_TOLERANCE = 1e-9
+"""a neighbourhood spans a plane when its cross-covariance's second singular value exceeds this x the first."""
 
 
 def kabsch_rotations(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares rotations R [..., 3, 3] with dst - mean(dst) ~ R (src - mean(src)) for point sets
-    [..., K, 3] (Kabsch 1976; the reflection-free solution from the SVD of the cross-covariance)."""
+    [..., K, 3] (Kabsch 1976; the reflection-free solution from the SVD of the cross-covariance). NaN where the
+    sets are not finite or span less than a plane (collinear or coincident points leave a twist undetermined)."""
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
     a = src - src.mean(-2, keepdims=True)
     b = dst - dst.mean(-2, keepdims=True)
-    u, _, vt = np.linalg.svd(np.einsum("...ki,...kj->...ij", a, b))  # H = sum a b^T = U S V^T
-    d = np.sign(np.linalg.det(np.einsum("...ji,...kj->...ik", vt, u)))  # det(V U^T)
+    h = np.einsum("...ki,...kj->...ij", a, b)  # H = sum a b^T = U S V^T
+    finite = np.isfinite(h).all((-2, -1))
+    h = np.where(finite[..., None, None], h, 0.0)  # the SVD does not converge on NaN
+    u, sv, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(np.einsum("...ji,...kj->...ik", vt, u)))  # det(V U^T) = +-1
     flip = np.ones(d.shape + (3,))
-    flip[..., 2] = np.where(d == 0, 1.0, d)
-    return np.einsum("...ji,...j,...kj->...ik", vt, flip, u)  # R = V diag(1, 1, d) U^T
+    flip[..., 2] = d
+    rot = np.einsum("...ji,...j,...kj->...ik", vt, flip, u)  # R = V diag(1, 1, d) U^T
+    planar = sv[..., 1] > RANK_TOLERANCE * np.maximum(sv[..., 0], np.finfo(np.float64).tiny)
+    return np.where((finite & planar)[..., None, None], rot, np.nan)
+
+
+def _nearest_rows(p0: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """[R, k] indices of each point's k nearest points (itself first) among p0 [R, 3], in row chunks so that
+    memory stays O(chunk x R)."""
+    out = np.empty((len(p0), k), np.int64)
+    for s in range(0, len(p0), chunk):
+        d2 = ((p0[s:s + chunk, None] - p0[None]) ** 2).sum(-1)
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(p0) else np.tile(np.arange(len(p0)), (len(d2), 1))
+        order = np.argsort(np.take_along_axis(d2, part, 1), axis=1, kind="stable")
+        out[s:s + chunk] = np.take_along_axis(part, order, 1)
+    return out
 
 
 def ground_truth_turns(points: np.ndarray, object_ids: np.ndarray, k: int = ROTATION_NEIGHBOURS) -> np.ndarray:
     """[T, P, 3, 3] the rotation each ground-truth track's neighbourhood made from t = 0 to t: the Kabsch fit of
     its k nearest tracks (at t = 0) on the same object. Exact for the rigid parts of a synthetic scene; on an
-    articulated one it averages the parts within the neighbourhood. NaN for tracks with fewer than 3 tracks on
-    their object or non-finite points."""
+    articulated one it averages the parts within the neighbourhood. NaN for a track whose object has fewer than
+    3 tracks finite at t = 0, and at the frames where its neighbourhood is not finite or spans less than a
+    plane."""
     pts = np.asarray(points, np.float64)
     ids = np.asarray(object_ids)
     n_frames, n_tracks = pts.shape[:2]
+    if ids.shape != (n_tracks,):
+        raise ValueError(f"object_ids must be [P] = [{n_tracks}], got {ids.shape}")
     out = np.full((n_frames, n_tracks, 3, 3), np.nan)
+    start_ok = np.isfinite(pts[0]).all(-1)
     for obj in np.unique(ids):
-        rows = np.flatnonzero(ids == obj)
+        rows = np.flatnonzero((ids == obj) & start_ok)
         if len(rows) < 3:
             continue
-        p0 = pts[0, rows]
-        kk = min(k, len(rows))
-        nearest = np.argsort(((p0[:, None] - p0[None]) ** 2).sum(-1), axis=1)[:, :kk]  # [R, kk], self first
-        hood = pts[:, rows][:, nearest]  # [T, R, kk, 3]
+        nearest = rows[_nearest_rows(pts[0, rows], min(k, len(rows)))]  # [R, k] track indices
+        hood = pts[:, nearest]  # [T, R, k, 3]
         out[:, rows] = kabsch_rotations(np.broadcast_to(hood[:1], hood.shape), hood)
     return out
 
 
-def rotation_error_deg(pred_turns: np.ndarray, gt_turns: np.ndarray) -> dict[str, float | None]:
-    """Angle between the predicted and true rotation of each track since t = 0, both [T, P, 3, 3]
-    (R_t R_0^T): per track the mean over t >= 1, then the median over the tracks where it is finite.
-
-    Returns {"rotation_error_3d_deg": degrees or None}."""
+def rotation_errors_per_track(pred_turns: np.ndarray, gt_turns: np.ndarray) -> np.ndarray:
+    """[P] degrees: per track the mean over t >= 1 of the angle between the predicted and true rotation since
+    t = 0, both [T, P, 3, 3] (R_t R_0^T); NaN where either is NaN at some t >= 1."""
     pred, gt = np.asarray(pred_turns, np.float64), np.asarray(gt_turns, np.float64)
-    if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[0] < 2:
-        return {"rotation_error_3d_deg": None}
+    if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[-2:] != (3, 3):
+        raise ValueError(f"pred_turns and gt_turns must be [T, P, 3, 3] of one shape, got {pred.shape} and {gt.shape}")
+    if pred.shape[0] < 2:
+        return np.full(pred.shape[1], np.nan)
     relative = np.einsum("tpij,tpkj->tpik", pred[1:], gt[1:])  # R_pred R_gt^T
     cos = (np.trace(relative, axis1=-2, axis2=-1) - 1.0) / 2.0
     axis = np.stack([relative[..., 2, 1] - relative[..., 1, 2], relative[..., 0, 2] - relative[..., 2, 0],
                      relative[..., 1, 0] - relative[..., 0, 1]], -1) / 2.0  # sin(angle) x unit axis
-    per_track = np.degrees(np.arctan2(np.linalg.norm(axis, axis=-1), cos)).mean(0)  # NaN where either is NaN
-    per_track = per_track[np.isfinite(per_track)]
-    return {"rotation_error_3d_deg": float(np.median(per_track)) if per_track.size else None}
+    return np.degrees(np.arctan2(np.linalg.norm(axis, axis=-1), cos)).mean(0)
+
+
+def rotation_error_deg(pred_turns: np.ndarray, gt_turns: np.ndarray) -> dict[str, float | None]:
+    """The median over tracks of `rotation_errors_per_track` where it is finite.
+
+    Returns {"rotation_error_3d_deg": degrees, or None without a track and a frame t >= 1}."""
+    return {"rotation_error_3d_deg": finite_median(rotation_errors_per_track(pred_turns, gt_turns))}
+
+
+def finite_median(values: np.ndarray) -> float | None:
+    """Median of the finite entries, None when there is none."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else None

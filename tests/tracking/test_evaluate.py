@@ -193,3 +193,19 @@ def test_rotation_error_needs_object_ids(run_copy, tmp_path):
     np.savez(tmp_path / "bad_ids.npz", **{**without, "object_ids": gt["object_ids"][:-1]})
     with pytest.raises(tracking.TrackingError, match="object_ids must be"):
         evaluate(run_copy, gt_tracks=tmp_path / "bad_ids.npz", eval_config=EvalConfig(lpips_backbones=()), write=False)
+
+
+def test_gaussian_turns_carry_tracks_as_the_readout_does(tiny_run):
+    """The rotation metric's turn R_t R_0^T of each track's carrier is the one `track()` applies."""
+    from tracking.evaluate import gaussian_turns
+
+    r = tracking.load(tiny_run)
+    with np.load(Path(r.data.path) / "gt_tracks.npz") as z:
+        queries = torch.from_numpy(z["points"][0][:200]).double()
+    best, _ = r.assign(queries, threshold=0.0)
+    turns = torch.from_numpy(gaussian_turns(r, best, r.n_frames))  # [T, P, 3, 3]
+    mu = torch.stack([r.means[t].double()[best] for t in range(r.n_frames)])  # [T, P, 3]
+    carried = mu + torch.einsum("tpij,pj->tpi", turns, queries - mu[0])
+    tracked = r.track(queries, threshold=0.0).double()
+    assert torch.allclose(carried, tracked, atol=1e-5)  # float32 storage of the readout
+    assert (turns[1:] - torch.eye(3, dtype=torch.float64)).abs().amax() > 1e-4  # the Gaussians did turn

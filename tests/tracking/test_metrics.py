@@ -130,3 +130,36 @@ def test_ground_truth_turns_and_rotation_error():
     wrong = np.swapaxes(truth, -1, -2)
     assert rotation_error_deg(wrong, truth)["rotation_error_3d_deg"] == pytest.approx(np.degrees(0.4), rel=1e-9)
     assert rotation_error_deg(truth[:1], truth[:1])["rotation_error_3d_deg"] is None  # no t >= 1
+
+
+def test_ground_truth_turns_are_local_to_an_articulated_object():
+    """Two rigid halves of one object (same id), far apart, turning differently: each track's fit uses its own
+    half's tracks, so both rotations are exact."""
+    rng = np.random.default_rng(2)
+    upper, lower = rng.normal(size=(20, 3)) * 0.1, rng.normal(size=(20, 3)) * 0.1 + [0.0, 3.0, 0.0]
+    bend = [_axis_angle([0, 0, 1], 0.3 * t) for t in range(3)]
+    points = np.stack([np.concatenate([upper, (lower - [0, 3, 0]) @ bend[t].T + [0, 3, 0]]) for t in range(3)])
+    truth = ground_truth_turns(points, np.zeros(40, int), k=8)
+    np.testing.assert_allclose(truth[:, :20], np.broadcast_to(np.eye(3), (3, 20, 3, 3)), atol=1e-12)
+    np.testing.assert_allclose(truth[:, 20:], np.broadcast_to(np.stack(bend)[:, None], (3, 20, 3, 3)), atol=1e-12)
+
+
+def test_ground_truth_turns_with_missing_and_degenerate_points():
+    rng = np.random.default_rng(3)
+    cloud = rng.normal(size=(12, 3))
+    line = np.outer(np.arange(6.0), [1.0, 2.0, 3.0]) + 50  # object 1: collinear, its twist is undetermined
+    points = np.stack([np.concatenate([cloud, line])] * 3)
+    points[0, 0] = np.nan  # not there at t = 0: no rotation, and no neighbour of the others
+    points[2, 5] = np.nan  # missing at t = 2 only
+    ids = np.r_[np.zeros(12, int), np.ones(6, int)]
+    truth = ground_truth_turns(points, ids, k=4)
+    assert np.isnan(truth[:, 0]).all() and np.isnan(truth[:, 12:]).all()
+    ok = np.isfinite(truth).all((-2, -1))  # [T, P]
+    assert ok[:2, 1:12].all() and not ok[2, 5]  # the track itself is in its neighbourhood
+    np.testing.assert_allclose(truth[ok], np.broadcast_to(np.eye(3), truth[ok].shape), atol=1e-12)
+    per_track = rotation_error_deg(np.broadcast_to(np.eye(3), truth.shape).copy(), truth)
+    assert per_track["rotation_error_3d_deg"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="object_ids"):
+        ground_truth_turns(points, ids[:-1])
+    with pytest.raises(ValueError, match="one shape"):
+        rotation_error_deg(truth[:, :5], truth)

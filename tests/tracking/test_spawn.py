@@ -19,15 +19,16 @@ with the torch backend on the CPU:
 | held-out PSNR of every post-entry frame: with spawning > without          | strict                           |
 | resume after a fault in a frame after spawning                           | bit-identical (CPU torch)        |
 | spawning under torchrun: a TrackingError naming it, before anything runs | exact                            |
-| slow: held-out PSNR after the entry >= before - 1 dB with spawning,       | PSNR_DROP_WITH (the issue's)     |
-|   <= before - PSNR_DROP_WITHOUT without                                  | 0.6 dB (measured 0.99)           |
+| slow: held-out PSNR after the entry >= before - 1 dB with spawning,       | PSNR_DROP_WITH (required)        |
+|   <= before - PSNR_DROP_WITHOUT without                                  | 0.6 dB (measured 1.17)           |
 | slow: the spawn keeps what it carved                                    | born >= hull points / 2          |
-| slow: the visitor's tracks from its entry (highest influence): <= 2 %,   | ENTERING_MTE_PCT (the issue's)   |
+| slow: the visitor's tracks from its entry (highest influence): <= 2 %,   | ENTERING_MTE_PCT (required)      |
 |   and lower than without spawning                                        |                                  |
 
-Measured (quality scene, 2-core CPU, 1 thread): held-out PSNR before | after the entry 27.37 | 26.38 dB
-without spawning, 27.37 | 27.07 dB with; the visitor's tracks following their highest-influence Gaussian
-5.24 % of the extent without, 1.72 % with (static: 2.54 %); fits 100 s and 138 s of CPU. Under the default
+Measured (quality scene, 2-core AMD EPYC with AVX-512, 1 thread, the demo preset of 2026-12-04): held-out PSNR
+before | after the entry 28.61 | 27.44 dB without spawning, 28.61 | 28.42 dB with; the visitor's tracks following
+their highest-influence Gaussian 5.82 % of the extent without, 1.47 % with (static: 2.54 %), their rotation error
+21.3 and 15.5 degrees; fits 52 s and 59 s of CPU. Under the default
 0.5-influence readout no query point on the visitor reaches influence 0.5 (nor almost any point of the
 other objects, see test_slow), so entering_mte_3d_pct is the static error either way (reported, not
 asserted).
@@ -54,9 +55,9 @@ FRAMES, ENTER = 6, 2
 QUIET = {"progress": False, "echo": lambda s: None}
 SPAWN_CONFIG = tiny_config(steps_first=60, steps_per_frame=10, spawn_steps=30, uncovered_is_background=True,
                            max_init_scale=0.02)
-PSNR_DROP_WITH = 1.0  # dB: the issue's bound on post-entry vs pre-entry PSNR with spawning
-PSNR_DROP_WITHOUT = 0.6  # dB: the drop without spawning must be at least this (measured 0.99 dB)
-ENTERING_MTE_PCT = 2.0  # % of the extent: the issue's bound
+PSNR_DROP_WITH = 1.0  # dB: the required bound on post-entry vs pre-entry PSNR with spawning
+PSNR_DROP_WITHOUT = 0.6  # dB: the drop without spawning must be at least this (measured 1.17 dB)
+ENTERING_MTE_PCT = 2.0  # % of the extent: the required bound on the entering tracks
 QUALITY_SCENE = {"cameras": 6, "test_cameras": 1, "width": 96, "height": 72, "frames": 8, "seed": 1, "enter_at": 2}
 QUALITY_CONFIG = replace(TrackingConfig.from_preset("demo", backend="torch", device="cpu").scaled_steps(0.5),
                          spawn_steps=100)  # the CLI's default with --steps-scale 0.5 (200 x 0.5)
@@ -123,6 +124,8 @@ def test_spawning_raises_the_post_entry_psnr(runs):
     psnr1 = np.asarray(runs[True][2]["psnr_per_frame"])
     assert (psnr1[ENTER:] > psnr0[ENTER:]).all(), (psnr0, psnr1)
     assert runs[True][2]["mte_3d_pct"] is not None  # the original objects' tracks are still scored
+    for spawn in (False, True):  # the visitor's rotations are scored from its entry frame on
+        assert 0.0 <= runs[spawn][2]["entering_rotation_error_3d_deg_highest_influence"] < 180.0
 
 
 def test_resume_after_spawning_is_bit_identical(runs, entering_scene, tmp_path, monkeypatch):
