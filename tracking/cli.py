@@ -152,7 +152,8 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                        f"{100 * metrics.get('tracked_fraction_3d', 0):.2f} % of query points reach influence "
                        f"{ev.get('influence_threshold', 0.5):g})")
         click.echo(f"2D: MTE {fmt('mte_2d', ' px', 2)} (256 x 256), delta {fmt('delta_2d', ' %', 1)}, "
-                   f"survival {fmt('survival_2d', ' %', 1)} ({ev.get('cameras_2d', 'train')} cameras)")
+                   f"survival {fmt('survival_2d', ' %', 1)} ({ev.get('cameras_2d', 'train')} cameras; following the "
+                   f"highest-influence Gaussian: MTE {fmt('mte_2d_highest_influence', ' px', 2)})")
         click.echo(f"    PointOdyssey: MTE {fmt('mte_2d_pod', ' px')}, delta {fmt('delta_2d_pod', ' %', 1)}, "
                    f"survival {fmt('survival_2d_pod', ' %', 1)}")
     else:

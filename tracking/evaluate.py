@@ -50,10 +50,11 @@ entering_survival_3d, entering_mte_3d_pct_highest_influence, entering_tracks (co
 
 Test cameras get the colour correction eval_config.test_colour_correction; the 3D/2D tracks follow the
 readout eval_config.readout. Tracking keys are null without ground truth (or with a single frame).
-Diagnostics: mte_3d*_highest_influence, delta_3d_highest_influence, survival_3d_highest_influence (readout
-"highest", whatever eval_config says), rotation_error_3d_deg_highest_influence (degrees: per track the mean over
-t >= 1 of the angle between its highest-influence Gaussian's turn R_t R_0^T and the ground truth's, a Kabsch fit
-of its 16 nearest ground-truth tracks on the same object, ground truth `object_ids`; then the median over tracks;
+Diagnostics: mte_3d*_highest_influence, delta_3d_highest_influence, survival_3d_highest_influence and the 2D mte_2d
+/ delta_2d / survival_2d_highest_influence (readout "highest", whatever eval_config says),
+rotation_error_3d_deg_highest_influence (degrees: per track the mean over t >= 1 of the angle between its
+highest-influence Gaussian's turn R_t R_0^T and the ground truth's, a Kabsch fit of its 16 nearest ground-truth
+tracks on the same object, ground truth `object_ids`; then the median over tracks;
 entering_rotation_error_3d_deg_highest_influence for the entering tracks) and tracked_fraction_3d (share of
 ground-truth points whose best influence reaches eval_config.influence_threshold). Per-frame arrays:
 psnr_per_frame, ssim_per_frame, lpips_per_frame, train_psnr_per_frame, error_3d_per_frame (median over tracks,
@@ -108,6 +109,7 @@ ADDED_METRIC_KEYS = ("psnr_per_channel", "lpips_vgg", "lpips_alex", "mte_3d_pod_
 TRACK_3D_KEYS = ("mte_3d", "mte_3d_pct", "delta_3d", "survival_3d", "mte_3d_pod_cm", "delta_3d_pod",
                  "survival_3d_pod")
 TRACK_2D_KEYS = ("mte_2d", "delta_2d", "survival_2d", "mte_2d_pod", "delta_2d_pod", "survival_2d_pod")
+TRACK_2D_DIAGNOSTIC_KEYS = ("mte_2d_highest_influence", "delta_2d_highest_influence", "survival_2d_highest_influence")
 
 LpipsNetwork = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(a, b) images [1, 3, H, W] in [-1, 1] -> distance (any shape; its mean is the value), as `lpips.LPIPS`."""
@@ -335,10 +337,12 @@ def _camera_sets(gt: dict, which: str) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _metrics_2d(result: TrackingResult, gt: dict, pts: np.ndarray, n_frames: int, cfg: EvalConfig,
                 device=None) -> dict:
-    empty = {k: None for k in TRACK_2D_KEYS}
+    """The 2D keys under cfg's readout, and mte_2d / delta_2d / survival_2d_highest_influence under the readout
+    "highest" (the same queries, unprojected from the same renders)."""
+    empty = {k: None for k in TRACK_2D_KEYS + TRACK_2D_DIAGNOSTIC_KEYS}
     empty["error_2d_per_frame"] = []
     by_id = {c.id: c for c in result.train_cameras + result.test_cameras}
-    pred_uv, gt_uv, valid, widths, heights = [], [], [], [], []
+    pred_uv, nearest_uv, gt_uv, valid, widths, heights = [], [], [], [], [], []
     for cam_ids, visible in _camera_sets(gt, cfg.cameras_2d):
         for ci, cam_id in enumerate(cam_ids.tolist()):
             cam = by_id.get(int(cam_id))
@@ -356,22 +360,26 @@ def _metrics_2d(result: TrackingResult, gt: dict, pts: np.ndarray, n_frames: int
             v = np.clip(np.floor(uv_gt[0, :, 1]).astype(int), 0, cam.height - 1)
             z = median[v, u]
             z = np.where(z > 0, z, expected[v, u])  # uncovered by the median: fall back to the mean depth
-            queries = unproject(uv_gt[0], z, K, w2c)
-            tracked = result.track(torch.from_numpy(queries), threshold=cfg.readout_threshold)
-            uv_pred, z_pred = project(tracked.double().numpy()[:n_frames], K, w2c)
-            uv_pred = np.where((z_pred > 0)[..., None], uv_pred, np.inf)
-            uv_pred[:, z <= 0] = np.inf  # no depth at the query: a failed track
+            queries = torch.from_numpy(unproject(uv_gt[0], z, K, w2c))
+            for threshold, into in ((cfg.readout_threshold, pred_uv), (0.0, nearest_uv)):
+                tracked = result.track(queries, threshold=threshold)
+                uv_pred, z_pred = project(tracked.double().numpy()[:n_frames], K, w2c)
+                uv_pred = np.where((z_pred > 0)[..., None], uv_pred, np.inf)
+                uv_pred[:, z <= 0] = np.inf  # no depth at the query: a failed track
+                into.append(uv_pred)
             inside = ((z_gt > 0) & (uv_gt[..., 0] >= 0) & (uv_gt[..., 0] < cam.width) & (uv_gt[..., 1] >= 0)
                       & (uv_gt[..., 1] < cam.height))
-            pred_uv.append(uv_pred)
             gt_uv.append(uv_gt)
             valid.append(inside)
             widths.append(np.full(vis0.sum(), cam.width))
             heights.append(np.full(vis0.sum(), cam.height))
     if not pred_uv:
         return empty
-    return metrics_2d(np.concatenate(pred_uv, 1), np.concatenate(gt_uv, 1), np.concatenate(widths),
-                      np.concatenate(heights), valid=np.concatenate(valid, 1))
+    args = (np.concatenate(gt_uv, 1), np.concatenate(widths), np.concatenate(heights))
+    out = metrics_2d(np.concatenate(pred_uv, 1), *args, valid=np.concatenate(valid, 1))
+    diagnostic = metrics_2d(np.concatenate(nearest_uv, 1), *args, valid=np.concatenate(valid, 1))
+    out.update({f"{key}_highest_influence": diagnostic[key] for key in ("mte_2d", "delta_2d", "survival_2d")})
+    return out
 
 
 # ----------------------------------------------------------------------------- settings

@@ -5,7 +5,7 @@ Tolerances:
 | quantity | tolerance | why |
 |---|---|---|
 | injected LPIPS vs the same network applied here | rel 1e-6 | same float32 renders, summed in another order |
-| the readout "highest" vs the *_highest_influence diagnostic | exact | the same computation |
+| the readout "highest" vs the *_highest_influence diagnostics (3D and 2D) | exact | the same computation |
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def test_evaluate_records_its_settings_and_never_rewrites_the_fit(run_copy, monk
     assert m["lpips_vgg"] == pytest.approx(expected / 2, rel=1e-6)
     assert m["psnr_per_channel"] >= m["psnr"]
     assert m["mte_3d"] == m["mte_3d_highest_influence"]  # readout "highest"
+    for key in ("mte_2d", "delta_2d", "survival_2d"):
+        assert m[key] == m[f"{key}_highest_influence"], key
     assert 0.0 <= m["rotation_error_3d_deg_highest_influence"] < 180.0  # the synthetic truth has object_ids
     for key in ADDED_METRIC_KEYS[3:-1]:
         assert m[key] is not None and np.isfinite(m[key]), key
@@ -190,6 +192,8 @@ def test_rotation_error_needs_object_ids(run_copy, tmp_path):
     np.savez(tmp_path / "no_ids.npz", **without)
     m = evaluate(run_copy, gt_tracks=tmp_path / "no_ids.npz", eval_config=EvalConfig(lpips_backbones=()), write=False)
     assert m["rotation_error_3d_deg_highest_influence"] is None and m["mte_3d"] is not None
+    # the default readout: its own 2D keys, and the highest-influence ones beside them
+    assert m["mte_2d"] is not None and m["mte_2d_highest_influence"] is not None
     np.savez(tmp_path / "bad_ids.npz", **{**without, "object_ids": gt["object_ids"][:-1]})
     with pytest.raises(tracking.TrackingError, match="object_ids must be"):
         evaluate(run_copy, gt_tracks=tmp_path / "bad_ids.npz", eval_config=EvalConfig(lpips_backbones=()), write=False)
