@@ -260,11 +260,11 @@ def entering_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
         rows = entry == e
         pts = gt["points"][e:n_frames, rows]
         queries = torch.from_numpy(pts[0])
-        preds.append(result.track(queries, threshold=cfg.readout_threshold, start_frame=e).double().numpy()[e:n_frames])
-        nearest.append(result.track(queries, threshold=0.0, start_frame=e).double().numpy()[e:n_frames])
+        ruled, highest, best, _ = _readouts(result, queries, cfg.readout_threshold, e)
+        preds.append(ruled[e:n_frames])
+        nearest.append(highest[e:n_frames])
         truths.append(pts)
         if gt.get("object_ids") is not None:
-            best, _ = result.assign(queries.double(), threshold=0.0, t=e)
             turns.append(rotation_errors_per_track(gaussian_turns(result, best, n_frames, e),
                                                    ground_truth_turns(pts, gt["object_ids"][rows])))
         out["entering_frame"] = e if out["entering_frame"] is None else min(out["entering_frame"], e)
@@ -299,12 +299,10 @@ def tracking_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     pts = gt["points"][:n_frames]
     mpu = result.config.metres_per_unit
     queries = torch.from_numpy(pts[0])
-    pred = result.track(queries, threshold=cfg.readout_threshold).double().numpy()[:n_frames]
-    out = metrics_3d(pred, pts, mpu, gt["extent"])
+    pred, nearest, best, influence = _readouts(result, queries, cfg.readout_threshold)
+    out = metrics_3d(pred[:n_frames], pts, mpu, gt["extent"])
     # Diagnostic: every point follows its highest-influence Gaussian, whatever the readout rule.
-    nearest = result.track(queries, threshold=0.0).double().numpy()[:n_frames]
-    diagnostic = metrics_3d(nearest, pts, mpu, gt["extent"])
-    best, influence = result.assign(queries.double(), threshold=0.0)
+    diagnostic = metrics_3d(nearest[:n_frames], pts, mpu, gt["extent"])
     for key in ("mte_3d", "mte_3d_pct", "delta_3d", "survival_3d"):
         out[f"{key}_highest_influence"] = diagnostic[key]
     out["rotation_error_3d_deg_highest_influence"] = None
@@ -315,6 +313,17 @@ def tracking_metrics(result: TrackingResult, gt: dict, n_frames: int, eval_confi
     out["tracked_fraction_3d"] = float((influence >= cfg.influence_threshold).double().mean())
     out.update(_metrics_2d(result, gt, pts, n_frames, cfg, device))
     return out
+
+
+def _readouts(result: TrackingResult, queries: torch.Tensor, threshold: float, start_frame: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Both readouts of the queries [P, 3] at start_frame from one assignment: tracks [T, P, 3] (float64) under
+    `threshold` (static where the best influence is below it) and following the highest-influence Gaussian,
+    then that Gaussian's index [P] and influence [P]."""
+    best, influence = result.assign(queries.double(), threshold=0.0, t=start_frame)
+    ruled = torch.where(influence >= threshold, best, torch.full_like(best, -1))
+    return (result.carry(queries, ruled, start_frame).double().numpy(),
+            result.carry(queries, best, start_frame).double().numpy(), best, influence)
 
 
 def gaussian_turns(result: TrackingResult, index: torch.Tensor, n_frames: int, start_frame: int = 0) -> np.ndarray:
@@ -361,9 +370,8 @@ def _metrics_2d(result: TrackingResult, gt: dict, pts: np.ndarray, n_frames: int
             z = median[v, u]
             z = np.where(z > 0, z, expected[v, u])  # uncovered by the median: fall back to the mean depth
             queries = torch.from_numpy(unproject(uv_gt[0], z, K, w2c))
-            for threshold, into in ((cfg.readout_threshold, pred_uv), (0.0, nearest_uv)):
-                tracked = result.track(queries, threshold=threshold)
-                uv_pred, z_pred = project(tracked.double().numpy()[:n_frames], K, w2c)
+            for tracked, into in zip(_readouts(result, queries, cfg.readout_threshold)[:2], (pred_uv, nearest_uv)):
+                uv_pred, z_pred = project(tracked[:n_frames], K, w2c)
                 uv_pred = np.where((z_pred > 0)[..., None], uv_pred, np.inf)
                 uv_pred[:, z <= 0] = np.inf  # no depth at the query: a failed track
                 into.append(uv_pred)

@@ -206,7 +206,7 @@ def _nearest_rows(p0: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
     out = np.empty((len(p0), k), np.int64)
     for s in range(0, len(p0), chunk):
         d2 = ((p0[s:s + chunk, None] - p0[None]) ** 2).sum(-1)
-        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(p0) else np.tile(np.arange(len(p0)), (len(d2), 1))
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]  # k <= R
         order = np.argsort(np.take_along_axis(d2, part, 1), axis=1, kind="stable")
         out[s:s + chunk] = np.take_along_axis(part, order, 1)
     return out

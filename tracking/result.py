@@ -231,15 +231,21 @@ class TrackingResult:
         Each point follows the Gaussian of highest influence at start_frame (default 0; later for objects
         that entered later), carried in that Gaussian's local frame: p_t = mu_t + R_t R_s^T (p - mu_s);
         points where no influence reaches the threshold stay put (static background). Rows t < start_frame
-        are NaN.
+        are NaN. `assign` followed by `carry`.
         """
-        s = int(start_frame)
-        if not 0 <= s < max(self.n_frames, 1):
-            raise ValueError(f"start_frame must be in 0..{self.n_frames - 1}, got {start_frame}")
+        self._check_start_frame(start_frame)
         pts = torch.as_tensor(points_at_t0, dtype=torch.float64).reshape(-1, 3)
-        idx, _ = self.assign(pts, threshold, t=s)
-        moving = idx >= 0
-        g = idx.clamp_min(0)
+        idx, _ = self.assign(pts, threshold, t=int(start_frame))
+        return self.carry(pts, idx, start_frame)
+
+    def carry(self, points_at_t0, index: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
+        """[P, 3] points at `start_frame`, each carried by the Gaussian `index` [P] (an `assign` result; -1:
+        static) in its local frame -> [T, P, 3] float32, NaN before start_frame. Several readouts of the same
+        points (thresholds) share one `assign`."""
+        s = self._check_start_frame(start_frame)
+        pts = torch.as_tensor(points_at_t0, dtype=torch.float64).reshape(-1, 3)
+        moving = index >= 0
+        g = index.clamp_min(0)
         mu0 = self.means[s].double()[g]
         R0 = quat_to_rotmat(self.quats[s].double()[g])
         local = torch.einsum("pji,pj->pi", R0, pts - mu0)  # R_s^T (p - mu_s)
@@ -250,6 +256,12 @@ class TrackingResult:
             moved = mu_t + torch.einsum("pij,pj->pi", R_t, local)
             out[t] = torch.where(moving[:, None], moved, pts)
         return out.float()
+
+    def _check_start_frame(self, start_frame: int) -> int:
+        s = int(start_frame)
+        if not 0 <= s < max(self.n_frames, 1):
+            raise ValueError(f"start_frame must be in 0..{self.n_frames - 1}, got {start_frame}")
+        return s
 
     # ------------------------------------------------------------------ rendering
     def colour_correction(self, camera, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
