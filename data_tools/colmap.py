@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import select_and_scale
 from .cameras import make_camera
 from .errors import DataError
 from .formats import DatasetFormat, LoadOptions
-from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
+from .sequence import Sequence, _header_size, single_frame_sequence
 
 # model id -> (name, number of parameters)
 CAMERA_MODELS = {
@@ -264,26 +263,12 @@ def load_colmap(path: Path, options: LoadOptions) -> Sequence:
         w2c[:3, :3], w2c[:3, 3] = qvec_to_rotmat(q), tvec
         cams.append(make_camera(i, K, w2c, w, h, images_file, f"image {name}"))
         files[i] = file
-    train, test = split_every(cams, options.test_every)
-    resolve_frames(options.frames, 1, path)
-    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
     init = None
     if points is not None and len(points):
         init = np.concatenate(
             [points[:, :3], points[:, 3:6] / 255.0, np.zeros((len(points), 1))], axis=1
         ).astype(np.float32)  # a static reconstruction: everything is background (seg = 0)
-    return Sequence(
-        path=path,
-        format="colmap",
-        train_cameras=train,
-        test_cameras=test,
-        source_frames=[0],
-        image_path=lambda t, cam_id: files[cam_id],
-        file_sizes=native,
-        background=parse_background(options.background),
-        init_points=init,
-        cache_size=options.cache_size,
-    )
+    return single_frame_sequence(path, "colmap", cams, files, options, path, init_points=init)
 
 
 FORMAT = DatasetFormat(

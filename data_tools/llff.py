@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import list_images, select_and_scale
+from ._common import list_images
 from .cameras import Camera, check_intrinsics, check_rigid, rigid_inverse
 from .errors import DataError
 from .formats import DatasetFormat, LoadOptions
-from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
+from .sequence import Sequence, _header_size, single_frame_sequence
 
 
 def is_llff(path: Path) -> bool:
@@ -62,20 +62,7 @@ def load_llff(path: Path, options: LoadOptions) -> Sequence:
         K = check_intrinsics([[f * scale, 0, w / 2], [0, f * scale, h / 2], [0, 0, 1]], file, f"pose {i} focal")
         cams.append(Camera(i, K, rigid_inverse(c2w), w, h))
         files[i] = img
-    train, test = split_every(cams, options.test_every)
-    resolve_frames(options.frames, 1, path)
-    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, path)
-    seq = Sequence(
-        path=path,
-        format="llff",
-        train_cameras=train,
-        test_cameras=test,
-        source_frames=[0],
-        image_path=lambda t, cam_id: files[cam_id],
-        file_sizes=native,
-        background=parse_background(options.background),
-        cache_size=options.cache_size,
-    )
+    seq = single_frame_sequence(path, "llff", cams, files, options, path)
     seq.meta = {"bounds": self_bounds.tolist()}
     return seq
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import select_and_scale
 from .cameras import make_camera
 from .errors import DataError
 from .formats import DatasetFormat, LoadOptions
-from .sequence import Sequence, _header_size, parse_background, resolve_frames, split_every
+from .sequence import Sequence, _header_size, single_frame_sequence
 
 
 def find_par_file(path: Path) -> Path | None:
@@ -63,20 +62,7 @@ def load_middlebury(path: Path, options: LoadOptions) -> Sequence:
         w2c[:3, :3], w2c[:3, 3] = R, t
         cams.append(make_camera(i, K, w2c, w, h, par, f"image {name}"))
         files[i] = file
-    train, test = split_every(cams, options.test_every)
-    resolve_frames(options.frames, 1, par)
-    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, par)
-    return Sequence(
-        path=path,
-        format="middlebury",
-        train_cameras=train,
-        test_cameras=test,
-        source_frames=[0],
-        image_path=lambda t, cam_id: files[cam_id],
-        file_sizes=native,
-        background=parse_background(options.background),
-        cache_size=options.cache_size,
-    )
+    return single_frame_sequence(path, "middlebury", cams, files, options, par)
 
 
 FORMAT = DatasetFormat(

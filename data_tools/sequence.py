@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ._common import select_and_scale
 from .cameras import Camera, scene_radius
 from .errors import DataError
 
@@ -311,3 +312,25 @@ def split_every(cameras: list[Camera], test_every: int | None) -> tuple[list[Cam
         warnings.warn("test_every leaves no training camera; using all cameras for training", stacklevel=3)
         return list(cameras), []
     return train, test
+
+
+def single_frame_sequence(path: Path, format: str, cameras: list[Camera], files: dict[int, Path], options,
+                          source: Path, init_points: np.ndarray | None = None) -> Sequence:
+    """A one-frame `Sequence` of the images `files` (camera id -> path) from the still-scene readers (COLMAP,
+    LLFF, Middlebury): split by `options.test_every`, cameras selected and downscaled as `options` say
+    (a `LoadOptions`); `source` is the file named in errors."""
+    train, test = split_every(cameras, options.test_every)
+    resolve_frames(options.frames, 1, source)
+    train, test, native = select_and_scale(train, test, options.cameras, options.downscale, source)
+    return Sequence(
+        path=path,
+        format=format,
+        train_cameras=train,
+        test_cameras=test,
+        source_frames=[0],
+        image_path=lambda t, cam_id: files[cam_id],
+        file_sizes=native,
+        background=parse_background(options.background),
+        init_points=init_points,
+        cache_size=options.cache_size,
+    )

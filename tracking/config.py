@@ -483,8 +483,15 @@ _DEMO = TrackingConfig(
     # inside, but 0.4 mm thin, so only 4.0 % reach 0.5 (31.7 dB). A floor under the thin axis does not rescue it: the
     # same with Mip-Splatting's 3D filter as that floor (filter_3d 0.5, no opacity factor; 2-core Intel Xeon, 1 thread,
     # 2026-12-03) gives 4.6 % / 31.9 dB (median influence at the points 0.15), filter_3d 2 pulls the Gaussians further
-    # in: 1.1 % / 28.9 dB (median 0.11). metrics.json also reports the readout that always follows the
-    # highest-influence Gaussian (keys *_highest_influence).
+    # in: 1.1 % / 28.9 dB (median 0.11). A depth-variance term at t = 0 (per pixel sum_i w_i z_i^2 - (sum_i w_i
+    # z_i)^2 / sum_i w_i over the blending weights w_i and camera depths z_i of the Gaussians' centres, in cm^2, the
+    # spread that Mip-NeRF 360's and 2DGS's distortion losses shrink) at weights 1e-3 / 1e-2 / 1 per cm^2: 3.0 / 7.0
+    # / 3.5 % reach 0.5 at 29.2 / 16.6 / 11.9 dB, against 2.3 % at 33.6 dB without (2-frame fits of today's preset,
+    # 2-core AMD EPYC, 1 thread, 2026-12-04). metrics.json also reports the readout that always follows the
+    # highest-influence Gaussian (keys *_highest_influence). With this preset (10 frames, 2026-12-04) the
+    # highest-influence Gaussian at a query point is opaque (median o 0.90), but the point's median offsets
+    # from it are 1.47 sigma along its thinnest axis and 0.84 / 0.69 sigma along the others: median
+    # d^T Sigma^-1 d 4.9, where influence 0.5 at o = 0.9 needs <= 1.18.
     # What bounds it: a projected Gaussian's alpha at a pixel is its largest influence along the pixel's ray (the
     # EWA projection's affine approximation), so a Gaussian of influence >= 0.5 at a point where a training ray
     # grazes the surface makes that outline pixel half opaque by itself, and the L1 losses (optimal at alpha 0.5 on
