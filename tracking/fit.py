@@ -40,7 +40,6 @@ from .distributed import (
     broadcast_object,
     close_world,
     init_world,
-    launched_by_torchrun,
     rank_cameras,
 )
 from .errors import ConfigMismatchError, NaNLossError, TrackingError
@@ -146,8 +145,9 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
 
     Under `torchrun --nproc-per-node N` (see `tracking.distributed`) every rank fits the whole
     Gaussian set on its B / N of each step's B = cameras_per_step views; gradients are averaged and
-    densification statistics summed before each step, so all ranks stay identical. Only rank 0
-    writes OUT; every rank reads it to resume (multi-node: OUT on a shared filesystem).
+    densification statistics summed before each step, so all ranks stay identical (the spawn stage of
+    `spawn_new` too, from rank 0's detection). Only rank 0 writes OUT; every rank reads it to resume
+    (multi-node: OUT on a shared filesystem).
 
     Returns:
         `tracking.TrackingResult` of OUT.
@@ -162,12 +162,6 @@ def fit(data, out_dir, config: TrackingConfig | None = None, *, downscale: float
     config = (config or TrackingConfig()).validate()
     if config.floor_y is None:
         warnings.warn("floor_y is None: the floor loss is off", stacklevel=2)
-    if config.spawn_new and launched_by_torchrun():
-        # Checked before joining the world, so every rank stops at once with this message. The spawn stage
-        # neither splits its views over the ranks nor gathers its densification statistics as t = 0 does
-        # (`fit_first_frame`), so the ranks' new Gaussians would differ.
-        raise TrackingError("spawn_new (--spawn-new) is not supported under torchrun: fit with one process "
-                            "(python -m tracking.cli fit ... --spawn-new)")
     world, world_device = init_world(config.device, dist_timeout)
     try:
         if world.active:

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 from . import losses as L
 from .config import MIN_REFINE_EVERY, DensifyConfig, TrackingConfig
+from .distributed import SINGLE, World, broadcast_object
 from .neighbours import knn
 from .params import activated, init_params, learning_rates, make_optimizer
-from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
+from .strategy import AllGaussiansPrunedError, DensifyStrategy, densify_hook
 
 SPAWN_OPTIMISED = ("means", "rgb", "quats", "logit_opacities", "log_scales")  # seg stays the label (1, 0, 0)
 MIN_SPAWN_POINTS = 4  # fewer hull points cannot carry neighbour-distance scales (3 neighbours each)
@@ -144,7 +145,7 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
                     views, targets, config: TrackingConfig, scene_radius: float, device: torch.device,
                     gen: torch.Generator, *, render: Callable, optimise: Callable, make_stage: Callable,
                     camera_order: Callable, echo: Callable[[str], None] = print, n_frames: int = 1,
-                    progress: bool = False) -> tuple[dict[str, np.ndarray] | None, dict]:
+                    progress: bool = False, world: World = SINGLE) -> tuple[dict[str, np.ndarray] | None, dict]:
     """Detect, carve and optimise new Gaussians at frame t (see the module docstring).
 
     Args:
@@ -152,6 +153,8 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
         fg_means: [Nfg, 3] the existing foreground Gaussians' means at t (for the neighbour search).
         n_neighbours: K of the existing neighbour graph (the new rows get the same K).
         render, optimise, make_stage, camera_order: `tracking.stages`' loop pieces (no import cycle).
+        world: the torchrun processes (`tracking.distributed`); `make_stage` gives the stage the same world, so
+            each rank renders its share of every step's cameras.
 
     Returns:
         (rows, stats): rows = numpy arrays means [M, 3], quats [M, 4], rgb [M, 3], log_scales [M, 3],
@@ -159,12 +162,20 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
         nb_weights, nb_distances [M, K] float32; None when nothing is spawned. stats: spawn_cameras (cameras
         with an uncovered region), n_born.
     """
-    uncovered = uncovered_masks(act, views, targets, config, render)
-    n_cams = counting_cameras(uncovered, config)
+    def detect() -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+        uncovered = uncovered_masks(act, views, targets, config, render)
+        n_cams = counting_cameras(uncovered, config)
+        if n_cams < config.spawn_min_cameras:
+            return n_cams, None
+        return n_cams, candidate_points(seq, t, uncovered, config)
+
+    # Under torchrun rank 0 detects and carves and every rank starts from its points: renders whose last bits
+    # differ between GPUs must not make the ranks spawn different Gaussians.
+    n_cams, found = broadcast_object(detect() if world.is_main else None, world, f"frame {t}: spawn detection")
     stats = {"spawn_cameras": n_cams, "n_born": 0}
-    if n_cams < config.spawn_min_cameras:
+    if found is None:
         return None, stats
-    xyz, rgb = candidate_points(seq, t, uncovered, config)
+    xyz, rgb = found
     stats["spawn_points"] = int(len(xyz))
     if len(xyz) < MIN_SPAWN_POINTS:
         return None, stats
@@ -184,17 +195,8 @@ def spawn_gaussians(seq, t: int, act: dict[str, torch.Tensor], fg_means: torch.T
         a = activated(new)
         return {k: torch.cat([frozen[k], a[k]], 0) for k in a}
 
-    def after_step(step: int, out, index: list[int]) -> None:
-        W, H = views.sizes[index[0]]
-        if out.densify_grad is None:   # past the strategy's statistics (Stage.densify_until)
-            strategy.step_post_backward(new, optimizer, dstate, step, gen)
-            return
-        grad, radii = view_gradients(out.densify_grad[:, n_old:], len(index)), out.radii[:, n_old:]  # new rows only
-        last = grad.shape[0] - 1
-        for b in range(last):
-            strategy.accumulate(dstate, step, grad[b], radii[b], W, H)
-        strategy.step_post_backward(new, optimizer, dstate, step, gen, densify_grad=grad[last], radii=radii[last],
-                                    width=W, height=H)
+    after_step = densify_hook(strategy, new, optimizer, dstate, views.sizes, gen, world, f"frame {t} spawn",
+                              first_row=n_old)  # statistics of the new rows only
 
     order = camera_order(gen, len(views.sizes), config.spawn_steps, config.cameras_per_step)
     stage = make_stage(L.FIRST, t, config.spawn_steps, config, new, optimizer, render_inputs, densify=True,

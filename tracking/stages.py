@@ -33,12 +33,12 @@ from tritonsplat import compilation
 
 from . import losses as L
 from .config import TrackingConfig
-from .distributed import SINGLE, World, average_gradients, check_in_sync, gather_views, rank_cameras
+from .distributed import SINGLE, World, average_gradients, check_in_sync, rank_cameras
 from .errors import NaNLossError, TrackingError, fault_at
 from .params import ScaleShaping, activated, fused_step, init_params, learning_rates, make_optimizer
 from .quaternions import quat_normalize
 from .store import FrameRecord, RunRecord
-from .strategy import AllGaussiansPrunedError, DensifyStrategy, view_gradients
+from .strategy import AllGaussiansPrunedError, DensifyStrategy, densify_hook
 from .targets import FrameTargets, Views
 
 SEED_STRIDE = 1_000_003  # frame t's generator seed = seed * SEED_STRIDE + t (no hashing)
@@ -499,26 +499,11 @@ def fit_first_frame(seq, points: np.ndarray, config: TrackingConfig, scene_radiu
     gen = frame_generator(config.seed, 0)
     order = camera_order(gen, len(cams), config.steps_first, config.cameras_per_step)
 
+    hook = densify_hook(strategy, params, optimizer, dstate, views.sizes, gen, world, "frame 0")
+
     def after_step(step: int, out, index: list[int]) -> None:
-        W, H = views.sizes[index[0]]
-        if out.densify_grad is None:   # past the strategy's statistics (Stage.densify_until): the schedule only
-            strategy.step_post_backward(params, optimizer, dstate, step, gen)
-            return
         try:
-            densify_grad, radii = view_gradients(out.densify_grad, len(index)), out.radii
-            if world.active:
-                # Every rank gets every view's statistics, in the step's camera order, and accumulates
-                # them as one process does.
-                densify_grad = gather_views(densify_grad, world)
-                radii = gather_views(radii, world)
-                n_before = params["means"].shape[0]
-            last = densify_grad.shape[0] - 1
-            for b in range(last):  # every view counts once; the last one also runs the schedule
-                strategy.accumulate(dstate, step, densify_grad[b], radii[b], W, H)
-            strategy.step_post_backward(params, optimizer, dstate, step, gen, densify_grad=densify_grad[last],
-                                        radii=radii[last], width=W, height=H)
-            if world.active and params["means"].shape[0] != n_before:
-                check_in_sync(_optimised(optimizer), world, f"frame 0, refinement at step {step}")
+            hook(step, out, index)
         except AllGaussiansPrunedError as exc:
             raise TrackingError(str(exc)) from None
 
@@ -683,7 +668,7 @@ def fit_next_frame(seq, t: int, prev: FrameRecord, prev2: FrameRecord, static: _
             seq, t, {k: v.detach() for k, v in render_inputs().items()}, params["means"].detach()[static.fg_idx],
             static.nb_idx.shape[1], views, targets, config, scene_radius, device, gen, render=render,
             optimise=optimise, make_stage=_spawn_stage(camera_colour, static, world), camera_order=camera_order,
-            echo=echo, n_frames=seq.n_frames, progress=progress)
+            echo=echo, n_frames=seq.n_frames, progress=progress, world=world)
         record.seconds = time.perf_counter() - t_start
         record.stats.update(spawn_stats)
     else:

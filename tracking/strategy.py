@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import DensifyConfig
+from .distributed import World, check_in_sync, gather_views
 from .params import GAUSSIAN_KEYS, group_of
 from .quaternions import quat_to_rotmat
 
@@ -235,3 +236,38 @@ def view_gradients(densify_grad: torch.Tensor, n_views: int) -> torch.Tensor:
     without this factor, 15,747 / 16,379 with it).
     """
     return densify_grad if n_views == 1 else densify_grad * n_views
+
+
+def densify_hook(strategy: DensifyStrategy, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                 state: DensifyState, sizes: list[tuple[int, int]], generator: torch.Generator, world: World,
+                 where: str, first_row: int = 0) -> Callable[[int, object, list[int]], None]:
+    """A stage's `after_step` that runs `strategy` on `params`: each of the step's views adds its screen-space
+    gradient statistics (`view_gradients`), the last one also runs the schedule (refinements, resets).
+
+    Under torchrun every rank gets every view's statistics, in the step's camera order (`gather_views`), and
+    accumulates them as one process does, so the ranks clone, split and prune the same Gaussians; after a
+    refinement that changed the count their parameters are compared (`check_in_sync`). `first_row`: the
+    statistics are those of the rendered rows first_row.. (the spawn stage renders frozen Gaussians first).
+    `sizes`: (W, H) per camera index.
+    """
+
+    def after_step(step: int, out, index: list[int]) -> None:
+        W, H = sizes[index[0]]
+        if out.densify_grad is None:  # past the strategy's statistics (Stage.densify_until): the schedule only
+            strategy.step_post_backward(params, optimizer, state, step, generator)
+            return
+        grad = view_gradients(out.densify_grad[:, first_row:], len(index))
+        radii = out.radii[:, first_row:]
+        if world.active:
+            grad, radii = gather_views(grad, world), gather_views(radii, world)
+        n_before = params["means"].shape[0]
+        last = grad.shape[0] - 1
+        for b in range(last):
+            strategy.accumulate(state, step, grad[b], radii[b], W, H)
+        strategy.step_post_backward(params, optimizer, state, step, generator, densify_grad=grad[last],
+                                    radii=radii[last], width=W, height=H)
+        if world.active and params["means"].shape[0] != n_before:
+            optimised = [p for group in optimizer.param_groups for p in group["params"]]
+            check_in_sync(optimised, world, f"{where}, refinement at step {step}")
+
+    return after_step

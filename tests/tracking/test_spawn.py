@@ -18,7 +18,7 @@ with the torch backend on the CPU:
 | frames before the entry are bit-identical with and without spawning      | exact                            |
 | held-out PSNR of every post-entry frame: with spawning > without          | strict                           |
 | resume after a fault in a frame after spawning                           | bit-identical (CPU torch)        |
-| spawning under torchrun: a TrackingError naming it, before anything runs | exact                            |
+| under torchrun (2 gloo processes): the one-process run's births         | equal counts                     |
 | slow: held-out PSNR after the entry >= before - 1 dB with spawning,       | PSNR_DROP_WITH (required)        |
 |   <= before - PSNR_DROP_WITHOUT without                                  | 0.6 dB (measured 1.17)           |
 | slow: the spawn keeps what it carved                                    | born >= hull points / 2          |
@@ -44,7 +44,7 @@ import pytest
 
 import tracking
 from tracking.config import TrackingConfig
-from tracking.errors import InjectedFault, TrackingError
+from tracking.errors import InjectedFault
 from tracking.evaluate import evaluate
 from tracking.spawn import spawn_densify_config
 from tracking.store import completed_frames, frame_path
@@ -145,13 +145,60 @@ def test_resume_after_spawning_is_bit_identical(runs, entering_scene, tmp_path, 
                 assert np.array_equal(fa[key][()], fb[key][()]), f"frame {t} {key} differs"
 
 
-def test_spawning_under_torchrun_is_a_clear_error(tiny_scene, tmp_path, monkeypatch):
-    """The spawn stage does not split its views over the ranks: refused before the world is joined."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TrackingError, match="spawn_new.*torchrun"):
-        tracking.fit(tiny_scene, tmp_path / "run", tiny_config(spawn_new=True), **QUIET)
-    assert not (tmp_path / "run").exists()
+TORCHRUN_SCRIPT = """
+import sys
+import tracking
+from tracking.config import TrackingConfig
+config = TrackingConfig.from_json(open(sys.argv[3]).read())
+tracking.fit(sys.argv[1], sys.argv[2], config, frames=slice(0, int(sys.argv[4])), progress=False, dist_timeout=60)
+"""
+
+
+def test_spawning_under_torchrun_matches_one_process(entering_scene, tmp_path):
+    """2 gloo processes, each rendering one of the step's 2 cameras, spawn the Gaussians one process spawns, to
+    float rounding amplified by Adam.
+
+    As in test_distributed_fit, densification keeps away from decision boundaries (no opacity pruning,
+    gradient threshold 1e-12: every new Gaussian seen in any view is cloned or split), so a rank that
+    densified from its own views' statistics alone would clone or split other Gaussians, and the ranks'
+    parameter checksums at the refinement would stop the run. Rank 0's detection and hull points are
+    broadcast, so every rank starts the spawn from the same points."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = replace(SPAWN_CONFIG, spawn_new=True, cameras_per_step=2)
+    cfg = replace(cfg, densify=replace(cfg.densify, prune_opacity=0.0, final_prune_opacity=0.0, grad_threshold=1e-12))
+    frames = ENTER + 2
+    one = tracking.fit(entering_scene, tmp_path / "one", cfg, frames=slice(0, frames), **QUIET)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "fit.py").write_text(TORCHRUN_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), str(tmp_path / "fit.py"), str(entering_scene), str(tmp_path / "two"),
+               str(tmp_path / "config.json"), str(frames)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = tracking.load(tmp_path / "two")
+    assert one.n_alive(ENTER - 1) == two.n_alive(ENTER - 1)
+    born_one = int((one.birth_frame == ENTER).sum())
+    born_two = int((two.birth_frame == ENTER).sum())
+    assert born_one > 0 and born_two == born_one, (born_one, born_two)
+    assert (two.birth_frame[two.birth_frame > 0] == ENTER).all() and two.fg[two.birth_frame > 0].all()
+    # The born Gaussians at their birth frame, in units of the means' learning rate (test_distributed_fit's
+    # tolerance and reasons; seen: median 0.002, 95th percentile 0.08, maximum 7.8 of cfg.spawn_steps = 30).
+    born = one.birth_frame == ENTER
+    gap = np.abs(np.asarray(two.means[ENTER])[born] - np.asarray(one.means[ENTER])[born])
+    gap /= cfg.lr.means * float(one.scene_radius)
+    assert np.median(gap) <= 0.01 and np.quantile(gap, 0.95) <= 1.0, (np.median(gap), np.quantile(gap, 0.95))
+    assert gap.max() <= cfg.spawn_steps, gap.max()
 
 
 @pytest.mark.slow
