@@ -169,12 +169,19 @@ class DenseImage:
     near_cutoff: torch.Tensor  # [H, W] bool: some decision was within `band` of a cut-off
 
 
-def dense_render(scene: Scene, camera: int = 0, alpha_cap=0.99, band=1e-6, colors=None,
+def dense_render(scene: Scene, camera: int = 0, alpha_cap=0.99, band=1e-6, colors=None, antialiased=False,
                  **projection_kwargs) -> DenseImage:
-    """Every Gaussian at every pixel, sequentially blended front to back, float64."""
+    """Every Gaussian at every pixel, sequentially blended front to back, float64. `antialiased`: opacities
+    times sqrt(det(Sigma2D) / det(Sigma2D + eps2d I)) from the two determinants (Mip-Splatting's 2D filter)."""
     s = scene.to(dtype=torch.float64)
     mean2, cov2, z, ok = dense_projection(s, camera, **projection_kwargs)
     inverse = torch.linalg.inv(cov2)
+    opacities = s.opacities
+    if antialiased:
+        eps2d = projection_kwargs.get("eps2d", 0.3)
+        undilated = cov2 - eps2d * torch.eye(2, dtype=torch.float64)
+        ratio = torch.linalg.det(undilated) / torch.linalg.det(cov2)
+        opacities = opacities * torch.sqrt(ratio.clamp_min(0))
     H, W = s.height, s.width
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5,
                             torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij")
@@ -195,7 +202,7 @@ def dense_render(scene: Scene, camera: int = 0, alpha_cap=0.99, band=1e-6, color
         dx, dy = mean2[i, 0] - xs, mean2[i, 1] - ys
         q = inverse[i]
         power = 0.5 * (q[0, 0] * dx * dx + q[1, 1] * dy * dy) + q[0, 1] * dx * dy
-        raw = s.opacities[i] * torch.exp(-power)
+        raw = opacities[i] * torch.exp(-power)
         alpha = raw.clamp_max(alpha_cap)
         near_cutoff |= ~done & (((alpha - MIN_ALPHA).abs() < band * 10) | ((raw - alpha_cap).abs() < band))
         use = ~done & (alpha >= MIN_ALPHA)

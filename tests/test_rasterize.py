@@ -50,6 +50,65 @@ def test_torch_backend_matches_dense_float64(n_cameras, n_channels, width, heigh
     _compare_with_dense(scene, out)
 
 
+@pytest.mark.parametrize("n_cameras,per_camera", [(1, False), (3, True)])
+def test_antialiased_mode_matches_dense_float64(n_cameras, per_camera):
+    """rasterize_mode="antialiased" against the dense renderer's own sqrt(det Sigma / det(Sigma + eps2d I)),
+    at the default dilation and at a large one (where the factor of the smallest splats is near 0)."""
+    scene = make_scene(n=60, width=25, height=19, n_cameras=n_cameras, per_camera_colors=per_camera,
+                       backgrounds=True, seed=31 + n_cameras, scale_range=(0.005, 0.25))
+    for eps2d in (0.3, 2.0):
+        out = tritonsplat.rasterize(*scene.args(), backgrounds=scene.backgrounds, backend="torch", eps2d=eps2d,
+                                    rasterize_mode="antialiased")
+        classic = tritonsplat.rasterize(*scene.args(), backgrounds=scene.backgrounds, backend="torch", eps2d=eps2d)
+        assert not torch.allclose(out.colors, classic.colors)
+        for c in range(n_cameras):
+            reference = dense_render(scene, c, antialiased=True, eps2d=eps2d)
+            keep = ~reference.near_cutoff
+            assert keep.float().mean() > 0.9
+            assert_close(out.colors[c], reference.colors, 1e-5, 1e-5, f"colors[{c}]",
+                         keep[..., None].expand_as(reference.colors))
+            assert_close(out.alphas[c], reference.alphas, 1e-5, 1e-5, f"alphas[{c}]", keep[..., None])
+            assert_close(out.depths[c], reference.depths, 0, 1e-5, f"depths[{c}]", keep[..., None])
+
+
+def test_antialiased_factor_is_the_determinant_ratio():
+    from tritonsplat.reference.projection import antialiased_opacities
+
+    g = torch.Generator().manual_seed(3)
+    factors = torch.randn(2, 50, 2, 2, generator=g, dtype=torch.float64)
+    covariances = factors @ factors.transpose(-1, -2) * 0.5          # some much thinner than the dilation
+    eps2d = 0.3
+    dilated = covariances + eps2d * torch.eye(2, dtype=torch.float64)
+    inverse = torch.linalg.inv(dilated)
+    conics = torch.stack([inverse[..., 0, 0], inverse[..., 0, 1], inverse[..., 1, 1]], -1)
+    opacities = torch.rand(50, generator=g, dtype=torch.float64)
+    expected = opacities * torch.sqrt(torch.linalg.det(covariances) / torch.linalg.det(dilated))
+    assert torch.allclose(antialiased_opacities(opacities, conics, eps2d), expected, atol=1e-12, rtol=1e-9)
+    rounded = torch.tensor([[[0.5, 0.0, 10.0]]], dtype=torch.float64)  # a conic whose Sigma2D rounded below 0
+    assert antialiased_opacities(torch.ones(1, dtype=torch.float64), rounded, 0.3).item() == 0.0
+
+
+def test_gradcheck_antialiased_mode():
+    scene = make_scene(n=5, width=9, height=8, n_cameras=2, n_channels=2, backgrounds=True, seed=14,
+                       opacity_range=(0.3, 0.9), scale_range=(0.1, 0.3))
+    inputs = [t.clone().requires_grad_() for t in (scene.means, scene.quats, scene.scales, scene.opacities,
+                                                   scene.colors)]
+
+    def render(means, quats, scales, opacities, colors):
+        out = tritonsplat.rasterize(means, quats, scales, opacities, colors, scene.viewmats, scene.Ks,
+                                    scene.width, scene.height, backgrounds=scene.backgrounds, backend="torch",
+                                    rasterize_mode="antialiased", eps2d=1.0)
+        return out.colors, out.alphas, out.depths
+
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)
+
+
+def test_unknown_rasterize_mode_is_a_clear_error():
+    scene = make_scene(n=3)
+    with pytest.raises(ValueError, match="rasterize_mode: expected 'classic' or 'antialiased', got 'mip'"):
+        tritonsplat.rasterize(*scene.args(), rasterize_mode="mip")
+
+
 def test_dense_coverage_gives_median_depths():
     scene = make_scene(n=80, width=24, height=20, seed=1, opacity_range=(0.6, 0.98), scale_range=(0.1, 0.4))
     out = tritonsplat.rasterize(*scene.args(), backend="torch")

@@ -41,6 +41,7 @@ def rasterize(
     outputs: tuple[OutputName, ...] = ALL_OUTPUTS,
     color_grad_channels: int | None = None,
     max_intersections: int | None = None,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
 ) -> RasterizeOutput:
     """Render 3D Gaussians into C pinhole cameras, differentiably.
 
@@ -57,6 +58,9 @@ def rasterize(
     T (1 - alpha) < 1e-4; colour = sum_i c_i alpha_i T_i + T_final background. Equal depths are
     ordered by Gaussian index. Every Gaussian contributes at every pixel where its alpha reaches
     1/255: the result equals a dense render, tiles are only an acceleration.
+    With rasterize_mode="antialiased", o in the compositing rule is o sqrt(det(Sigma2D - eps2d I) /
+    det Sigma2D) per camera (Mip-Splatting's 2D Mip filter, Yu et al., CVPR 2024; gsplat's mode of the same
+    name): the dilation then blurs a splat without adding to its integral.
     A Gaussian is culled (radius 0) when z <= near or z >= far, o < 1/255, det(Sigma2D) <= 0 or its
     box [mean2d - r, mean2d + r] misses the image, with r = ceil(k sqrt(lambda_max(Sigma2D))) and
     k = min(3.33, sqrt(2 ln(255 o))).
@@ -101,6 +105,8 @@ def rasterize(
             tensor, True when more intersections existed (those past the capacity are dropped:
             render again with a larger capacity). The value checks (NaN/Inf, ranges), which need a
             host read, are skipped in this mode; shapes, dtypes and devices are still checked.
+        rasterize_mode: "classic" (3DGS, the default) or "antialiased" (the 2D Mip filter's opacity
+            factor above; opacities get gradients through it, and so do means, quats and scales).
 
     Returns:
         RasterizeOutput with colors [C,H,W,D], alphas [C,H,W,1], depths [C,H,W,1],
@@ -130,9 +136,12 @@ def rasterize(
     options = validate_render_options(outputs=outputs, absgrad=absgrad, densify_channels=densify_channels,
                                       color_grad_channels=color_grad_channels, deterministic=deterministic,
                                       max_intersections=max_intersections, n_channels=inputs.n_channels)
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize_mode: expected 'classic' or 'antialiased', got {rasterize_mode!r}")
     chosen = resolve_backend(backend, inputs.means.device)
     settings = RenderSettings(width=width, height=height, tile_size=tile_size, near=float(near),
-                              far=float(far), eps2d=float(eps2d), alpha_cap=float(alpha_cap))
+                              far=float(far), eps2d=float(eps2d), alpha_cap=float(alpha_cap),
+                              antialiased=rasterize_mode == "antialiased")
     if chosen == "triton":
         if max_intersections is None:   # checked on the device, read with the intersection count
             from .ops.checks import pending_value_checks

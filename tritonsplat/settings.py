@@ -35,6 +35,8 @@ class RenderSettings:
         tile_rule: "ellipse": a Gaussian is blended wherever its alpha reaches 1/255 (tiles are a
             pure acceleration); "rectangle": only inside the 16x16 tiles of the original's tile
             rectangle around (mean - 0.5 px) +- r, a truncation that is part of its numbers.
+        antialiased: scale each opacity per camera by sqrt(det Sigma2D / det(Sigma2D + eps2d I)), the 2D Mip
+            filter of Mip-Splatting (`rasterize(rasterize_mode="antialiased")`); False: "classic".
     """
 
     width: int
@@ -46,6 +48,7 @@ class RenderSettings:
     alpha_cap: float = constants.ALPHA_CAP
     radius_rule: RadiusRule = "opacity_aware"
     tile_rule: TileRule = "ellipse"
+    antialiased: bool = False
 
     @property
     def tiles_x(self) -> int:

@@ -41,8 +41,9 @@ GRADIENT_NAMES = ("means2d", "conics", "opacities", "colors", "depths", "backgro
 
 
 def make_inputs(n_cameras=1, n=10, n_channels=3, width=21, height=13, tile_size=8, seed=0, per_camera_colors=False,
-                backgrounds=False, corner=False):
-    """Contract inputs (float64 leaves) and the settings; `corner` keeps every Gaussian in one corner."""
+                backgrounds=False, corner=False, per_camera_opacities=False):
+    """Contract inputs (float64 leaves) and the settings; `corner` keeps every Gaussian in one corner;
+    `per_camera_opacities`: opacities [C, N] (the antialiased mode's) instead of [N]."""
     g = torch.Generator().manual_seed(seed)
 
     def uniform(*shape, low=0.0, high=1.0):
@@ -58,7 +59,7 @@ def make_inputs(n_cameras=1, n=10, n_channels=3, width=21, height=13, tile_size=
     covariance = covariance + constants.EPS2D * torch.eye(2, dtype=torch.float64)
     inverse = torch.linalg.inv(covariance)
     conics = torch.stack([inverse[..., 0, 0], inverse[..., 0, 1], inverse[..., 1, 1]], -1)
-    opacities = uniform(n, low=0.15, high=0.95)
+    opacities = uniform(*((n_cameras, n) if per_camera_opacities else (n,)), low=0.15, high=0.95)
     depths = uniform(n_cameras, n, low=1.0, high=5.0)
     colors = uniform(*((n_cameras, n, n_channels) if per_camera_colors else (n, n_channels)))
     bg = uniform(n_cameras, n_channels) if backgrounds else None
@@ -103,6 +104,7 @@ def dense_composite(means2d, conics, opacities, colors, depths, backgrounds, set
     outputs = {name: [] for name in ALL_OUTPUTS}
     for c in range(n_cameras):
         camera_colors = colors[c] if colors.dim() == 3 else colors
+        camera_opacities = opacities[c] if opacities.dim() == 2 else opacities
         transmittance = torch.ones_like(xs)
         active = torch.ones_like(xs, dtype=torch.bool)
         color = torch.zeros(*xs.shape, colors.shape[-1], dtype=torch.float64)
@@ -113,7 +115,7 @@ def dense_composite(means2d, conics, opacities, colors, depths, backgrounds, set
             dx, dy = means2d[c, gaussian, 0] - xs, means2d[c, gaussian, 1] - ys
             a, b, cc = conics[c, gaussian]
             sigma = 0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy
-            alpha = torch.clamp_max(opacities[gaussian] * torch.exp(-sigma), settings.alpha_cap)
+            alpha = torch.clamp_max(camera_opacities[gaussian] * torch.exp(-sigma), settings.alpha_cap)
             use = active & (sigma >= 0) & (alpha >= constants.MIN_ALPHA)
             after = transmittance * (1 - alpha)
             blend = use & (after >= constants.TRANSMITTANCE_STOP)
@@ -190,6 +192,8 @@ CASES = [
                  id="C1-D9-chunked-bg-tile16"),
     pytest.param(dict(n=7, n_channels=3, width=10, height=9, tile_size=4), id="C1-D3-tile4"),
     pytest.param(dict(n=8, n_channels=3, width=35, height=9, tile_size=32, seed=2), id="C1-D3-tile32-border"),
+    pytest.param(dict(n_cameras=2, n=8, n_channels=3, tile_size=8, per_camera_opacities=True, seed=4),
+                 id="C2-D3-percamera-opacities"),
 ]
 
 
@@ -277,6 +281,8 @@ def test_forward_and_backward_agree_on_blended_pairs():
     pytest.param(dict(n_cameras=2, n=8, tile_size=8, backgrounds=True, seed=7), id="C2-D3"),
     pytest.param(dict(n=6, n_channels=9, width=11, height=9, tile_size=4, per_camera_colors=True, seed=9),
                  id="C1-D9-chunked"),
+    pytest.param(dict(n_cameras=2, n=8, tile_size=8, per_camera_opacities=True, seed=8),
+                 id="C2-D3-percamera-opacities"),
 ])
 def test_deterministic_backward_is_bit_identical_and_close(case):
     inputs, tile_ranges, sorted_ids, settings = make_inputs(**case)
@@ -402,6 +408,8 @@ def _twin_follows_contract() -> bool:
 @pytest.mark.parametrize("case", [
     pytest.param(dict(n_cameras=2, n=8, n_channels=3, tile_size=8, backgrounds=True), id="C2-D3-bg"),
     pytest.param(dict(n=8, n_channels=9, width=13, height=11, tile_size=8), id="C1-D9"),
+    pytest.param(dict(n_cameras=2, n=8, n_channels=3, tile_size=8, per_camera_opacities=True, seed=3),
+                 id="C2-D3-percamera-opacities"),
 ])
 def test_matches_torch_twin(case):
     if not _twin_follows_contract():

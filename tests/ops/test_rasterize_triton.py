@@ -74,7 +74,7 @@ def _compare(scene, device, check_dense=True, **kwargs):
         assert_close(actual, reference, 1e-6 * float(reference.abs().max()), 1e-3, f"grad {name}")
     if check_dense:
         for c in range(scene.viewmats.shape[0]):
-            reference = dense_render(scene, c)
+            reference = dense_render(scene, c, antialiased=kwargs.get("rasterize_mode") == "antialiased")
             keep = ~reference.near_cutoff
             assert_close(triton_out.colors[c].cpu(), reference.colors, 1e-5, 1e-5, "dense colors",
                          keep[..., None].expand_as(reference.colors))
@@ -95,6 +95,8 @@ SCENES = [
                  id="C1-D1-absgrad"),
     pytest.param(dict(n=30, width=29, height=19, n_cameras=2, per_camera_colors=True, backgrounds=True),
                  {"absgrad": True, "densify_channels": 2}, id="C2-percamera-all-extras"),
+    pytest.param(dict(n=40, width=24, height=20, n_cameras=2, backgrounds=True), {"rasterize_mode": "antialiased"},
+                 id="C2-antialiased"),
 ]
 
 

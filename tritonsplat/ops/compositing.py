@@ -6,7 +6,7 @@ same name and signature; both are tested on the same tensors):
 Inputs
     means2d      [C, N, 2] float32  pixel coordinates (pixel (i, j) is centred at (i + .5, j + .5))
     conics       [C, N, 3] float32  (a, b, c) of the inverse 2D covariance [[a, b], [b, c]]
-    opacities    [N]       float32  activated opacities
+    opacities    [N]       float32  activated opacities, or [C, N] per camera (antialiased mode)
     colors       [N, D] (shared by all cameras) or [C, N, D] float32, any D >= 1
     depths       [C, N]    float32  camera z of the means
     backgrounds  [C, D] float32 or None (black)
@@ -418,7 +418,7 @@ def _composite_backward_kernel(
     grad_depths_ptr,         # [C, H, W] float32 upstream of E (DEPTH_GRAD)
     out_grad_means2d_ptr,    # [C, N, 2] float32 (atomics)
     out_grad_conics_ptr,     # [C, N, 3]
-    out_grad_opacities_ptr,  # [N]
+    out_grad_opacities_ptr,  # [N] or [C, N]
     out_grad_colors_ptr,     # [N, D] or [C, N, D]
     out_grad_depths_ptr,     # [C, N]
     out_grad_abs_ptr,        # [C, N, 2] (ABSGRAD)
@@ -431,7 +431,7 @@ def _composite_backward_kernel(
     LANES: tl.constexpr, CHANNELS: tl.constexpr, GEOMETRY: tl.constexpr, Q_CHANNELS: tl.constexpr,
     UPSTREAM_CHANNELS: tl.constexpr, HAS_BACKGROUND: tl.constexpr, ALPHA_GRAD: tl.constexpr, DEPTH_GRAD: tl.constexpr,
     DENSIFY_CHANNELS: tl.constexpr, ABSGRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    COUNT_PAIRS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    COUNT_PAIRS: tl.constexpr, INT64_OFFSETS: tl.constexpr, PER_CAMERA_OPACITIES: tl.constexpr,
 ):
     # CHANNELS: colour channels [channel_offset, channel_offset + CHANNELS) that receive gradients here.
     # GEOMETRY: this launch also computes the geometry gradients (the first launch of a chunked backward);
@@ -562,7 +562,13 @@ def _composite_backward_kernel(
                 sum_yy = _pixel_sum(strength_y * dy, DETERMINISTIC)
                 opacity = tl.load(base + 5, mask=None, other=None)
                 grad_opacity = tl.where(opacity > 0.0, sum_s / tl.where(opacity > 0.0, opacity, 1.0), 0.0)
-                _emit_gradient(out_grad_opacities_ptr, row - camera * n_gaussians, grad_opacity, lane, valid,
+                # A constexpr, not a row shift argument: the shift costs the classic D = 3 kernel 23 registers
+                # (196 -> 219, 10 -> 9 CTAs/SM; sm_90, Triton 3.9).
+                if PER_CAMERA_OPACITIES:
+                    opacity_row = row
+                else:
+                    opacity_row = row - camera * n_gaussians
+                _emit_gradient(out_grad_opacities_ptr, opacity_row, grad_opacity, lane, valid,
                                rows_ptr, row_offset, ROW_OPACITY, DETERMINISTIC)
                 _emit_gradient(out_grad_means2d_ptr, row * 2, -tl.fma(conic_a, sum_x, conic_b * sum_y), lane, valid,
                                rows_ptr, row_offset, ROW_MEANS2D, DETERMINISTIC)
@@ -606,6 +612,7 @@ class _Prepared:
         n_cameras, n = means2d.shape[:2]
         self.n_cameras, self.n_gaussians, self.n_channels = n_cameras, n, colors.shape[-1]
         self.shared_colors = colors.dim() == 2
+        self.shared_opacities = opacities.dim() == 1
         self.record_width = RECORD_GEOMETRY.value + self.n_channels
         self.sentinel_row = n_cameras * n
         device = means2d.device
@@ -637,8 +644,8 @@ def _check_contract(means2d, conics, opacities, colors, depths, backgrounds, til
     n_cameras, n = means2d.shape[:2]
     if tuple(conics.shape) != (n_cameras, n, 3):
         raise ValueError(f"conics: expected {(n_cameras, n, 3)}, got {tuple(conics.shape)}")
-    if tuple(opacities.shape) != (n,):
-        raise ValueError(f"opacities: expected ({n},), got {tuple(opacities.shape)}")
+    if tuple(opacities.shape) not in ((n,), (n_cameras, n)):
+        raise ValueError(f"opacities: expected ({n},) or {(n_cameras, n)}, got {tuple(opacities.shape)}")
     if tuple(depths.shape) != (n_cameras, n):
         raise ValueError(f"depths: expected {(n_cameras, n)}, got {tuple(depths.shape)}")
     if colors.dim() not in (2, 3) or colors.shape[-2] != n or colors.shape[-1] < 1 or (
@@ -699,14 +706,14 @@ def composite_backward(prepared: _Prepared, backgrounds, state: CompositeState, 
                        densify_channels: int | None, color_grad_channels: int | None, deterministic: bool,
                        count_pairs: bool = False):
     """Launch the backward. `grad_*` are upstream gradients or None (absent terms are compiled out).
-    Returns gradients (means2d [C,N,2], conics [C,N,3], opacities [N], colours like the input, depths [C,N],
+    Returns gradients (means2d [C,N,2], conics [C,N,3], opacities like the input, colours like it, depths [C,N],
     absgrad [C,N,2] or None, densify [C,N,2] or None, pair counts [C,H,W] int32 or None)."""
     c, n, d = prepared.n_cameras, prepared.n_gaussians, prepared.n_channels
     device = prepared.record.device
     zeros = dict(device=device, dtype=torch.float32)
     grad_means2d = _alloc.zeros(c, n, 2, **zeros)
     grad_conics = _alloc.zeros(c, n, 3, **zeros)
-    grad_opacities = _alloc.zeros(n, **zeros)
+    grad_opacities = _alloc.zeros(n if prepared.shared_opacities else (c, n), **zeros)
     grad_colors_in = _alloc.zeros((n, d) if prepared.shared_colors else (c, n, d), **zeros)
     grad_depths_in = _alloc.zeros(c, n, **zeros)
     grad_abs = _alloc.zeros(c, n, 2, **zeros) if absgrad else None
@@ -747,16 +754,18 @@ def composite_backward(prepared: _Prepared, backgrounds, state: CompositeState, 
             HAS_BACKGROUND=backgrounds is not None and has_colors, ALPHA_GRAD=geometry and grad_alphas is not None,
             DEPTH_GRAD=geometry and grad_depths is not None, DENSIFY_CHANNELS=densify_k if geometry else 0,
             ABSGRAD=geometry and absgrad, DETERMINISTIC=deterministic, COUNT_PAIRS=geometry and count_pairs,
-            INT64_OFFSETS=prepared.int64_offsets, num_warps=layout.num_warps)
+            INT64_OFFSETS=prepared.int64_offsets, PER_CAMERA_OPACITIES=not prepared.shared_opacities,
+            num_warps=layout.num_warps)
     if deterministic and n_entries:
         ids = prepared.ids[:n_entries].to(torch.int64)
-        _reduce_rows(rows, ids, n, d, not prepared.shared_colors, grad_means2d, grad_conics, grad_opacities,
+        _reduce_rows(rows, ids, n, d, not prepared.shared_colors, not prepared.shared_opacities, grad_means2d,
+                     grad_conics, grad_opacities,
                      grad_colors_in, grad_depths_in, grad_abs, grad_densify)
     return grad_means2d, grad_conics, grad_opacities, grad_colors_in, grad_depths_in, grad_abs, grad_densify, counts
 
 
-def _reduce_rows(rows, gaussian_rows, n, n_channels, per_camera_colors, grad_means2d, grad_conics, grad_opacities,
-                 grad_colors, grad_depths, grad_abs, grad_densify):
+def _reduce_rows(rows, gaussian_rows, n, n_channels, per_camera_colors, per_camera_opacities, grad_means2d,
+                 grad_conics, grad_opacities, grad_colors, grad_depths, grad_abs, grad_densify):
     """Fixed-order reduction of per-intersection rows into per-Gaussian gradients (deterministic):
     a stable sort by Gaussian, float64 prefix sums, differences at segment ends. Costs one
     [M, 11 + D] float32 buffer and a sort of M int64 keys."""
@@ -770,7 +779,8 @@ def _reduce_rows(rows, gaussian_rows, n, n_channels, per_camera_colors, grad_mea
 
     add(grad_means2d.view(-1, 2), columns(ROW_MEANS2D, 2), gaussian_rows)
     add(grad_conics.view(-1, 3), columns(ROW_CONICS, 3), gaussian_rows)
-    add(grad_opacities, rows[:, ROW_OPACITY.value], gaussian_rows % n)
+    opacity_index = gaussian_rows if per_camera_opacities else gaussian_rows % n
+    add(grad_opacities.view(-1), rows[:, ROW_OPACITY.value], opacity_index)
     add(grad_depths.view(-1), rows[:, ROW_DEPTH.value], gaussian_rows)
     color_index = gaussian_rows if per_camera_colors else gaussian_rows % n
     add(grad_colors.view(-1, n_channels), columns(ROW_COLORS, n_channels), color_index)
@@ -930,7 +940,7 @@ def compiled_variants(exhaustive: bool = False) -> list[dict]:
             tile_pixels=tile_size * tile_size))
 
     def backward(name, tile_size, channels, q_channels, *, geometry=True, alpha=True, depth=True, densify=0,
-                 absgrad=False, deterministic=False, int64=False):
+                 absgrad=False, deterministic=False, int64=False, per_camera_opacities=False):
         layout = pixel_layout(tile_size, backward=True, wide_geometry=q_channels > CHANNEL_CHUNK)
         variants.append(dict(
             name=name, kernel="_composite_backward_kernel", signature=_aot_signature(_composite_backward_kernel),
@@ -938,7 +948,8 @@ def compiled_variants(exhaustive: bool = False) -> list[dict]:
                             WARPS=layout.num_warps, LANES=layout.lanes, CHANNELS=channels, GEOMETRY=geometry,
                             Q_CHANNELS=q_channels, UPSTREAM_CHANNELS=max(channels, min(q_channels, CHANNEL_CHUNK)),
                             HAS_BACKGROUND=True, ALPHA_GRAD=alpha, DEPTH_GRAD=depth, DENSIFY_CHANNELS=densify,
-                            ABSGRAD=absgrad, DETERMINISTIC=deterministic, COUNT_PAIRS=False, INT64_OFFSETS=int64),
+                            ABSGRAD=absgrad, DETERMINISTIC=deterministic, COUNT_PAIRS=False, INT64_OFFSETS=int64,
+                            PER_CAMERA_OPACITIES=per_camera_opacities),
             num_warps=layout.num_warps, batch=BACKWARD_BATCH, pixels_per_thread=layout.pixels_per_thread,
             tile_pixels=tile_size * tile_size))
 
@@ -952,6 +963,7 @@ def compiled_variants(exhaustive: bool = False) -> list[dict]:
     backward("composite_backward[D=6,color_grad_channels=3]", 16, 3, 6, alpha=False, depth=False)
     backward("composite_backward[D=3,absgrad+densify]", 16, 3, 3, densify=2, absgrad=True)
     backward("composite_backward[D=3,deterministic]", 16, 3, 3, deterministic=True)
+    backward("composite_backward[D=3,antialiased]", 16, 3, 3, per_camera_opacities=True)
     backward("composite_backward[D=33,geometry]", 16, CHANNEL_CHUNK, 33, densify=3)
     backward("composite_backward[D>8,chunk]", 16, CHANNEL_CHUNK, 0, geometry=False, alpha=False, depth=False)
     forward("composite_forward[D=3,int64_offsets]", 16, 3, int64=True)

@@ -130,18 +130,24 @@ class _Inputs(NamedTuple):
 
     means: torch.Tensor       # [C * N, 2]
     conics: torch.Tensor      # [C * N, 3]
-    opacities: torch.Tensor   # [N]
+    opacities: torch.Tensor   # [N] or [C * N]
     colors: torch.Tensor      # [N, D] or [C * N, D]
     depths: torch.Tensor      # [C * N]
     n_gaussians: int
     shared_colors: bool       # colours [N, D] shared by every camera
+    shared_opacities: bool    # opacities [N] shared by every camera (else per camera, e.g. antialiased)
+
+    def opacity_index(self, row: torch.Tensor) -> torch.Tensor:
+        """Rows of `opacities` of the flat rows c * N + g."""
+        return row % self.n_gaussians if self.shared_opacities else row
 
 
 def _flat_inputs(means2d, conics, opacities, colors, depths) -> _Inputs:
     n = means2d.shape[1]
     shared = colors.dim() == 2
     return _Inputs(means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1),
-                   colors if shared else colors.reshape(-1, colors.shape[-1]), depths.reshape(-1), n, shared)
+                   colors if shared else colors.reshape(-1, colors.shape[-1]), depths.reshape(-1), n, shared,
+                   opacities.dim() == 1)
 
 
 class _Records(NamedTuple):
@@ -178,7 +184,7 @@ def _records(flat: _Inputs, sorted_ids, layout, sub_tile: int, k_entries: int) -
     # index_select rather than x[index]: 3-6x faster for row gathers on the CPU (AMD EPYC, torch 2.13).
     row = sorted_ids.index_select(0, layout.entry_index).to(torch.int64)
     means, conics = flat.means.index_select(0, row), flat.conics.index_select(0, row)
-    opacity = flat.opacities.index_select(0, row % flat.n_gaussians)
+    opacity = flat.opacities.index_select(0, flat.opacity_index(row))
     mean_x = means[:, 0] - (layout.origin_x + sub_tile / 2).index_select(0, bin_of_entry)
     mean_y = means[:, 1] - (layout.origin_y + sub_tile / 2).index_select(0, bin_of_entry)
     # sigma = a/2 (mx - u)^2 + b (mx - u)(my - v) + c/2 (my - v)^2, expanded in (u, v) so that the exponent
@@ -411,7 +417,7 @@ def _layout(tile_ranges, sorted_ids, flat: _Inputs, settings: RenderSettings, gr
         mean_x, mean_y = mean_rows.index_select(1, row).unbind(0)
         q_min = min_quadratic_of_components(conic_a, conic_b, conic_c, mean_x, mean_y, (x_low, x_high),
                                             (y_low, y_high))
-        hit = q_min <= levels.index_select(0, row % flat.n_gaussians)
+        hit = q_min <= levels.index_select(0, flat.opacity_index(row))
         hit &= torch.gather(in_image, 1, tile_bin.expand(in_image.shape[0], -1))
         # Sub-tile first, then entry: the entries run tile by tile in list order and no tile straddles two
         # pieces, so each sub-bin's entries come out contiguous and in list order, with no sort (a stable
@@ -884,7 +890,9 @@ def _backward(ctx, grad_colors, grad_alphas, grad_depths):
             target.absgrad = absgrad if previous is None else previous + absgrad
     if grad_densify is not None and ctx.densify_grad is not None:
         ctx.densify_grad.add_(grad_densify.reshape(n_cameras, n, 2).to(ctx.densify_grad.dtype))
-    grad_opacities = grad_opacity_rows.reshape(n_cameras, n).sum(0)
+    grad_opacities = grad_opacity_rows.reshape(n_cameras, n)
+    if flat.shared_opacities:
+        grad_opacities = grad_opacities.sum(0)
     grad_colors_in = grad_color_rows.reshape(colors.shape)
     return (grad_means.to(dtype).reshape(n_cameras, n, 2), grad_conics.to(dtype).reshape(n_cameras, n, 3),
             grad_opacities, grad_colors_in, grad_depths_flat.reshape(n_cameras, n), grad_backgrounds, None)
@@ -1001,7 +1009,7 @@ def _mean_and_conic_gradients(moments: torch.Tensor, entries: _Entries):
 
 def composite(means2d: torch.Tensor,                 # [C, N, 2]
               conics: torch.Tensor,                  # [C, N, 3]
-              opacities: torch.Tensor,               # [N]
+              opacities: torch.Tensor,               # [N] or [C, N]
               colors: torch.Tensor,                  # [N, D] or [C, N, D]
               depths: torch.Tensor,                  # [C, N]
               backgrounds: torch.Tensor | None,      # [C, D]

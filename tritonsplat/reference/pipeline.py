@@ -54,6 +54,9 @@ def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
             sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
     colors, means2d, composite_means2d = projection.compositor_colors_and_means2d(
         projected, inputs.colors, inputs.sh_degree, means2d_hook)
+    # Binning keeps the plain opacities: their alpha >= 1/255 extent contains the compensated one's.
+    blend_opacities = (projection.antialiased_opacities(inputs.opacities, projected.conics, settings.eps2d)
+                       if settings.antialiased else inputs.opacities)
     with stage("binning"):
         bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), inputs.opacities.detach(),
                                  projected.radii, projected.depths.detach(), settings,
@@ -65,7 +68,7 @@ def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
         densify_grad = torch.zeros_like(means2d, requires_grad=False)
     with stage("compositing"):
         rendered = compositing.composite(
-            composite_means2d, projected.conics, inputs.opacities, colors, projected.depths, inputs.backgrounds,
+            composite_means2d, projected.conics, blend_opacities, colors, projected.depths, inputs.backgrounds,
             tiles.tile_ranges, tiles.gaussian_ids, settings, outputs=options.outputs, absgrad=options.absgrad,
             densify_channels=options.densify_channels, densify_grad=densify_grad,
             color_grad_channels=options.color_grad_channels, deterministic=options.deterministic,
