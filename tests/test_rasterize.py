@@ -88,21 +88,6 @@ def test_antialiased_factor_is_the_determinant_ratio():
     assert antialiased_opacities(torch.ones(1, dtype=torch.float64), rounded, 0.3).item() == 0.0
 
 
-def test_gradcheck_antialiased_mode():
-    scene = make_scene(n=5, width=9, height=8, n_cameras=2, n_channels=2, backgrounds=True, seed=14,
-                       opacity_range=(0.3, 0.9), scale_range=(0.1, 0.3))
-    inputs = [t.clone().requires_grad_() for t in (scene.means, scene.quats, scene.scales, scene.opacities,
-                                                   scene.colors)]
-
-    def render(means, quats, scales, opacities, colors):
-        out = tritonsplat.rasterize(means, quats, scales, opacities, colors, scene.viewmats, scene.Ks,
-                                    scene.width, scene.height, backgrounds=scene.backgrounds, backend="torch",
-                                    rasterize_mode="antialiased", eps2d=1.0)
-        return out.colors, out.alphas, out.depths
-
-    assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)
-
-
 def test_unknown_rasterize_mode_is_a_clear_error():
     scene = make_scene(n=3)
     with pytest.raises(ValueError, match="rasterize_mode: expected 'classic' or 'antialiased', got 'mip'"):
@@ -201,16 +186,22 @@ def test_gradcheck_end_to_end_with_camera_gradient():
     assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)
 
 
-def test_gradcheck_end_to_end_without_camera_gradient():
+@pytest.mark.parametrize("seed,render_kwargs", [
+    pytest.param(13, {}, id="classic"),
+    # eps2d 1 px^2: a dilation large enough that the antialiased factor varies well away from 1.
+    pytest.param(14, {"rasterize_mode": "antialiased", "eps2d": 1.0}, id="antialiased"),
+])
+def test_gradcheck_end_to_end_without_camera_gradient(seed, render_kwargs):
     """The training path: no camera gradient, so the projection differentiates by its hand-written backward."""
-    scene = make_scene(n=5, width=9, height=8, n_cameras=2, n_channels=2, backgrounds=True, seed=13,
+    scene = make_scene(n=5, width=9, height=8, n_cameras=2, n_channels=2, backgrounds=True, seed=seed,
                        opacity_range=(0.3, 0.9), scale_range=(0.1, 0.3))
     inputs = [t.clone().requires_grad_() for t in (scene.means, scene.quats, scene.scales, scene.opacities,
                                                    scene.colors)]
 
     def render(means, quats, scales, opacities, colors):
         out = tritonsplat.rasterize(means, quats, scales, opacities, colors, scene.viewmats, scene.Ks,
-                                    scene.width, scene.height, backgrounds=scene.backgrounds, backend="torch")
+                                    scene.width, scene.height, backgrounds=scene.backgrounds, backend="torch",
+                                    **render_kwargs)
         return out.colors, out.alphas, out.depths
 
     assert torch.autograd.gradcheck(render, inputs, eps=1e-7, atol=1e-6, rtol=1e-4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
-from ..reference.projection import antialiased_opacities, compositor_colors_and_means2d
+from ..reference.projection import compositor_colors_and_means2d, compositor_opacities
 from ..settings import RenderSettings
 from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
 from ..validation import raise_failed_checks, resolve_pending_checks
@@ -57,9 +57,7 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
             covars=f32(covars), sh_coeffs=sh_coeffs, sh_degree=inputs.sh_degree)
     colors, means2d, composite_means2d = compositor_colors_and_means2d(
         projected, f32(inputs.colors), inputs.sh_degree, means2d_hook)
-    # Binning keeps the plain opacities: their alpha >= 1/255 extent contains the compensated one's.
-    blend_opacities = (antialiased_opacities(opacities, projected.conics, settings.eps2d) if settings.antialiased
-                       else opacities)
+    blend_opacities = compositor_opacities(opacities, projected.conics, settings)
 
     with stage("binning"):
         pending = inputs.pending_checks

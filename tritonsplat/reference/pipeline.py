@@ -54,9 +54,7 @@ def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
             sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
     colors, means2d, composite_means2d = projection.compositor_colors_and_means2d(
         projected, inputs.colors, inputs.sh_degree, means2d_hook)
-    # Binning keeps the plain opacities: their alpha >= 1/255 extent contains the compensated one's.
-    blend_opacities = (projection.antialiased_opacities(inputs.opacities, projected.conics, settings.eps2d)
-                       if settings.antialiased else inputs.opacities)
+    blend_opacities = projection.compositor_opacities(inputs.opacities, projected.conics, settings)
     with stage("binning"):
         bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), inputs.opacities.detach(),
                                  projected.radii, projected.depths.detach(), settings,

@@ -541,3 +541,10 @@ def antialiased_opacities(opacities: torch.Tensor, conics: torch.Tensor, eps2d: 
     positive = squared > 0
     factor = torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
     return opacities[None] * factor
+
+
+def compositor_opacities(opacities: torch.Tensor, conics: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
+    """The opacities the compositor blends: `opacities` [N] as given ("classic"), or per camera [C, N] through
+    `antialiased_opacities` when `settings.antialiased`. Binning keeps the plain opacities: their
+    alpha >= 1/255 extent contains the compensated one's (the factor is at most 1)."""
+    return antialiased_opacities(opacities, conics, settings.eps2d) if settings.antialiased else opacities
