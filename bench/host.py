@@ -6,7 +6,8 @@ nonzero, unique, masked_select; launches are the torch ops outside Triton launch
 empty* and metadata ops excluded) plus one per Triton launch. Triton runs through its interpreter on
 the CPU (TRITON_INTERPRET=1, set here by re-running in a subprocess when it is not), so the counts are
 what the host issues; they do not depend on the device. Scene: 80 Gaussians, one 64 x 48 camera,
-D = 3, float32, every kernel compiled first; the budgets are those of tests/test_host_budget.py.
+D = 3, float32, every kernel compiled first; the budgets are those of tests/test_host_budget.py. Each
+call is counted in the classic mode and in rasterize_mode="antialiased" (names prefixed antialiased_).
 
 Writes <out>/host.json: one entry per call (reads, launches, torch ops, Triton launches, budget) and
 `how` (the command line).
@@ -26,6 +27,7 @@ BENCHMARK = "host"
 CAPACITY = 4096
 BUDGETS = {"warm_forward": (1, 25), "warm_forward_backward": (1, 45), "capacity_forward": (0, 25),
            "capacity_forward_backward": (0, 45)}   # (host reads, launches) at most
+BUDGETS.update({f"antialiased_{name}": budget for name, budget in BUDGETS.items()})   # the same in that mode
 
 
 def measure() -> dict:
@@ -47,10 +49,14 @@ def measure() -> dict:
         out.colors.sum().backward()
         return out
 
-    forward_backward(), forward_backward(max_intersections=CAPACITY)   # warm: compile every variant once
     calls = {"warm_forward": (forward, {}), "warm_forward_backward": (forward_backward, {}),
              "capacity_forward": (forward, {"max_intersections": CAPACITY}),
              "capacity_forward_backward": (forward_backward, {"max_intersections": CAPACITY})}
+    calls.update({f"antialiased_{name}": (function, dict(keywords, rasterize_mode="antialiased"))
+                  for name, (function, keywords) in calls.items()})
+    for function, keywords in calls.values():   # warm: compile every variant once
+        if function is forward_backward:
+            forward_backward(**keywords)
     figures = {}
     for name, (function, keywords) in calls.items():
         out, work = count_host_work(function, **keywords)
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     temporary.write_text(json.dumps(payload, indent=1) + "\n")
     temporary.replace(path)
     for name, f in figures.items():
-        print(f"{name:28} reads {f['host_reads']} (<= {f['budget_host_reads']})  launches {f['launches']} "
+        print(f"{name:40} reads {f['host_reads']} (<= {f['budget_host_reads']})  launches {f['launches']} "
               f"(<= {f['budget_launches']}: {f['torch_launches']} torch + {f['triton_launches']} triton)  "
               f"{'PASS' if f['meets_budget'] else 'MISS'}")
     print(f"wrote {path}")

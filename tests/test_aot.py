@@ -8,7 +8,7 @@ compositing main loop. The sm_90 per-pair targets are the CUDA-class design's (t
 meant to issue no more instructions per Gaussian-pixel pair than a gsplat-style CUDA loop):
 forward <= 45 (D = 3) and <= 60 (D = 6) with >= 2 CTAs per SM, backward <= 120 (D = 3).
 Compiling every variant for both architectures takes 11-14 minutes on 2 cores with an empty Triton
-cache (56 variants, the compositing backward fully unrolled), so the default run compiles the three
+cache (58 variants, the compositing backward fully unrolled), so the default run compiles the three
 variants with per-pair targets for sm_90 and every non-compositing kernel for both architectures;
 `-m slow` compiles everything.
 """
@@ -46,7 +46,7 @@ def test_occupancy_limits():
 
 
 TARGET_VARIANTS = ("composite_forward[D=3]", "composite_forward[D=6]", "composite_backward[D=3]")
-OTHER_KERNELS = ("projection_", "value_checks", "bin_tiles", "tile_ranges", "rigidity_")
+OTHER_KERNELS = ("projection_", "antialiased_opacities", "value_checks", "bin_tiles", "tile_ranges", "rigidity_")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ has caught up, and makes a CUDA-graph capture impossible):
 | warm forward                           | <= 1       | <= 25    |
 | warm forward + colors.sum().backward() | <= 1       | <= 45    |
 | the same with max_intersections=N      | 0          | same     |
+| each of these, rasterize_mode="antialiased" | same  | same     |
 """
 
 import pytest
@@ -108,6 +109,18 @@ def test_capacity_mode_makes_no_host_reads(warm):
     _, work = count_host_work(_forward_backward, _leaves(), max_intersections=CAPACITY)
     assert work.n_reads == 0, work.summary()
     assert work.n_launches <= 45, work.summary()
+
+
+@pytest.mark.parametrize("capacity", [None, CAPACITY])
+def test_antialiased_mode_keeps_the_budgets(warm, capacity):
+    """The opacity factor is one kernel each way (15 + 21 torch launches as autograd over the conic)."""
+    keywords = dict(rasterize_mode="antialiased", max_intersections=capacity)
+    _forward_backward(_leaves(), **keywords)                # compile the antialiased variants
+    max_reads = 1 if capacity is None else 0
+    _, work = count_host_work(_forward, **keywords)
+    assert work.n_reads <= max_reads and work.n_launches <= 25, work.summary()
+    _, work = count_host_work(_forward_backward, _leaves(), **keywords)
+    assert work.n_reads <= max_reads and work.n_launches <= 45, work.summary()
 
 
 def test_capacity_overflow_is_reported_on_the_device(warm):

@@ -72,7 +72,7 @@ def test_antialiased_mode_matches_dense_float64(n_cameras, per_camera):
 
 
 def test_antialiased_factor_is_the_determinant_ratio():
-    from tritonsplat.reference.projection import antialiased_opacities
+    from tritonsplat.reference.antialiasing import antialiased_opacities
 
     g = torch.Generator().manual_seed(3)
     factors = torch.randn(2, 50, 2, 2, generator=g, dtype=torch.float64)

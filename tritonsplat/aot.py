@@ -55,7 +55,7 @@ class KernelVariant:
         return ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
 
 
-VARIANT_MODULES = ("projection", "checks", "binning", "sorting", "compositing", "ssim", "rigidity")
+VARIANT_MODULES = ("projection", "antialiasing", "checks", "binning", "sorting", "compositing", "ssim", "rigidity")
 
 
 def _declared_variants(module: str, exhaustive: bool = False) -> list[KernelVariant]:

@@ -83,7 +83,8 @@ def _padded(tensor):
     return big[PAD:PAD + flat.numel()].view(tensor.shape)
 
 
-@pytest.mark.parametrize("extras", [dict(), dict(absgrad=True, densify_channels=2, deterministic=True)])
+@pytest.mark.parametrize("extras", [dict(), dict(absgrad=True, densify_channels=2, deterministic=True),
+                                    dict(rasterize_mode="antialiased")])
 def test_no_out_of_bounds_access_and_no_unwritten_output(monkeypatch, extras):
     poisoned = PoisonedAllocator()
     poisoned.install(monkeypatch)

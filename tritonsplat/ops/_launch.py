@@ -9,6 +9,7 @@ One table, chosen so that every kernel compiles without spills at sm_80 and sm_9
 | projection forward/backward  | 128 Gaussians (1/thread)  | 4         | ~150 live floats per Gaussian in bwd  |
 | binning count/emit           | 128 Gaussians (1/thread)  | 4         | per-lane loops over candidate tiles   |
 | tile ranges                  | 512 intersections         | 4         | 1024 spilled 8 B (sm_90, triton 3.6)  |
+| antialiased opacities        | 256 camera-Gaussian rows  | 4         | elementwise, a few live floats        |
 
 The compositing kernels take their layout from the tile size instead (`compositing.pixel_layout`):
 one program per tile, BATCH Gaussians per main-loop iteration (forward 16, backward 8), the tile's
@@ -46,6 +47,7 @@ _TABLE = {
     "projection": LaunchSettings(block=128, num_warps=4),
     "binning": LaunchSettings(block=128, num_warps=4),
     "tile_ranges": LaunchSettings(block=512, num_warps=4),
+    "antialiasing": LaunchSettings(block=256, num_warps=4),
 }
 
 

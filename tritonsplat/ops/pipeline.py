@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..profiling import stage
-from ..reference.projection import compositor_colors_and_means2d, compositor_opacities
+from ..reference.projection import compositor_colors_and_means2d
 from ..settings import RenderSettings
 from ..types import RasterizeInputs, RasterizeOutput, RenderOptions
 from ..validation import raise_failed_checks, resolve_pending_checks
-from . import _alloc, binning, compositing, projection, sorting
+from . import _alloc, antialiasing, binning, compositing, projection, sorting
 
 
 def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: RenderOptions, *,
@@ -57,7 +57,9 @@ def render_triton(inputs: RasterizeInputs, settings: RenderSettings, options: Re
             covars=f32(covars), sh_coeffs=sh_coeffs, sh_degree=inputs.sh_degree)
     colors, means2d, composite_means2d = compositor_colors_and_means2d(
         projected, f32(inputs.colors), inputs.sh_degree, means2d_hook)
-    blend_opacities = compositor_opacities(opacities, projected.conics, settings)
+    # Binning keeps the plain opacities: their alpha >= 1/255 extent contains the compensated one's.
+    blend_opacities = (antialiasing.antialiased_opacities(opacities, projected.conics, settings.eps2d)
+                       if settings.antialiased else opacities)
 
     with stage("binning"):
         pending = inputs.pending_checks

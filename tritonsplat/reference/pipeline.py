@@ -16,7 +16,7 @@ from ..compilation import compiled
 from ..profiling import stage
 from ..settings import RenderSettings, standard_clamp_limits
 from ..types import RenderOptions
-from . import binning, compositing, projection, sorting
+from . import antialiasing, binning, compositing, projection, sorting
 
 # ~100 elementwise ops on per-Gaussian scalars: where `tritonsplat.compilation.wanted`, torch.compile fuses them
 # and their autograd backward (2.8 against 9.3 ms forward + backward with autograd, 32,744 Gaussians, 2-core Intel
@@ -54,7 +54,9 @@ def render_torch(inputs, settings: RenderSettings, options: RenderOptions, *,
             sh_coeffs=inputs.colors if inputs.sh_degree is not None else None, sh_degree=inputs.sh_degree)
     colors, means2d, composite_means2d = projection.compositor_colors_and_means2d(
         projected, inputs.colors, inputs.sh_degree, means2d_hook)
-    blend_opacities = projection.compositor_opacities(inputs.opacities, projected.conics, settings)
+    # Binning keeps the plain opacities: their alpha >= 1/255 extent contains the compensated one's.
+    blend_opacities = (antialiasing.antialiased_opacities(inputs.opacities, projected.conics, settings.eps2d)
+                       if settings.antialiased else inputs.opacities)
     with stage("binning"):
         bins = binning.bin_tiles(means2d.detach(), projected.conics.detach(), inputs.opacities.detach(),
                                  projected.radii, projected.depths.detach(), settings,

@@ -522,29 +522,3 @@ def compositor_colors_and_means2d(projected: ProjectedGaussians, colors: torch.T
     if means2d.requires_grad:
         means2d.retain_grad()
     return colors, means2d, means2d_hook(means2d) if means2d_hook is not None else means2d
-
-
-def antialiased_opacities(opacities: torch.Tensor, conics: torch.Tensor, eps2d: float) -> torch.Tensor:
-    """Opacities [N] -> [C, N] scaled by the 2D Mip filter's factor sqrt(det Sigma2D / det(Sigma2D + eps2d I))
-    (Mip-Splatting, Yu et al., CVPR 2024, Sec. 5.2; gsplat's rasterize_mode="antialiased"), so that the
-    dilation by eps2d keeps each splat's integral instead of making small ones brighter and wider.
-
-    `conics` [C, N, 3] are (a, b, c) of (Sigma2D + eps2d I)^-1, the projection's output. Since
-    det(M - e I) = det M - e tr M + e^2 for a 2x2 M, with M = Sigma2D + eps2d I the factor squared is
-    1 - eps2d (a + c) + eps2d^2 (a c - b^2): a polynomial in the conic, no inversion. It lies in [0, 1]
-    (Sigma2D is positive semi-definite) and is clamped at 0 against rounding; it is near 0 for a splat much
-    thinner than the dilation. Culled Gaussians (conic 0) keep factor 1.
-    Differentiable (autograd through the conic, then the projection's backward).
-    """
-    a, b, c = conics.unbind(-1)
-    squared = 1.0 - eps2d * (a + c) + (eps2d * eps2d) * (a * c - b * b)
-    positive = squared > 0
-    factor = torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
-    return opacities[None] * factor
-
-
-def compositor_opacities(opacities: torch.Tensor, conics: torch.Tensor, settings: RenderSettings) -> torch.Tensor:
-    """The opacities the compositor blends: `opacities` [N] as given ("classic"), or per camera [C, N] through
-    `antialiased_opacities` when `settings.antialiased`. Binning keeps the plain opacities: their
-    alpha >= 1/255 extent contains the compensated one's (the factor is at most 1)."""
-    return antialiased_opacities(opacities, conics, settings.eps2d) if settings.antialiased else opacities
